@@ -1,0 +1,102 @@
+"""The continual LightningModule: backbone + scenario heads + one regularizer, and nothing method-specific."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from src.continual.scenarios import Scenario
+from src.methods.base import Regularizer
+
+
+class ContinualModule(L.LightningModule):
+    """Trains the current task with `scenario`'s cross-entropy plus whatever `regularizer` adds.
+
+    `optimizer` is a factory (a Hydra `_partial_` optimizer) called with the trainable parameters. With
+    `reset_optimizer=True` (the default) each task starts with a fresh optimizer state, as most continual-learning
+    code does; with False, Adam's moments carry over from the previous task.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        scenario: Scenario,
+        regularizer: Regularizer,
+        optimizer,
+        reset_optimizer: bool = True,
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.out_features, scenario.n_outputs)
+        self.scenario, self.regularizer = scenario, regularizer
+        self.optimizer_factory, self.reset_optimizer = optimizer, reset_optimizer
+        self.current_task = 0
+        self.trained_up_to = -1  # tasks 0…trained_up_to have been trained (used by evaluation)
+        self.task_accuracy = nn.ModuleList(
+            MulticlassAccuracy(num_classes=scenario.n_outputs, average="micro", sync_on_compute=True)
+            for _ in range(scenario.n_tasks)
+        )
+        self.last_eval: list[float] = []
+        self.loop_state: dict = {}  # the task loop's own progress, stored in checkpoints
+        self._optimizer_state = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    # ---- training ------------------------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x, labels, task_ids = batch
+        logits = self(x)
+        view, targets = self.scenario.train_view(logits, labels, task_ids, self.current_task)
+        task_loss = F.cross_entropy(view, targets)
+        terms = self.regularizer.loss(self, batch, logits, task_loss)
+        if "task_loss" not in terms:
+            terms = {**terms, "task_loss": task_loss}
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
+        return terms["loss"]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])
+        if not self.reset_optimizer and self._optimizer_state is not None:
+            optimizer.load_state_dict(self._optimizer_state)
+        return optimizer
+
+    def on_train_end(self) -> None:
+        if not self.reset_optimizer:
+            self._optimizer_state = self.trainer.optimizers[0].state_dict()
+
+    # ---- evaluation ----------------------------------------------------------------------------------------------
+    def on_test_epoch_start(self) -> None:
+        for metric in self.task_accuracy:
+            metric.reset()
+
+    def test_step(self, batch, batch_idx, dataloader_idx: int = 0):
+        x, labels, task_ids = batch
+        view, targets = self.scenario.eval_view(self(x), labels, task_ids, self.trained_up_to)
+        self.task_accuracy[dataloader_idx].update(view.argmax(dim=1), targets)
+
+    def on_test_epoch_end(self) -> None:
+        # compute() sums correct/total over DDP ranks, each of which saw a disjoint shard of every task
+        self.last_eval = [float(metric.compute()) for metric in self.task_accuracy]
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["regularizer"] = self.regularizer.state_dict()
+        checkpoint["continual"] = {
+            **self.loop_state,
+            "current_task": self.current_task,
+            "trained_up_to": self.trained_up_to,
+            "optimizer_carried": self._optimizer_state,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.regularizer.load_state_dict(checkpoint.get("regularizer", {}))
+        state = checkpoint.get("continual", {})
+        self.current_task = state.get("current_task", 0)
+        self.trained_up_to = state.get("trained_up_to", -1)
+        self._optimizer_state = state.get("optimizer_carried")
+        self.loop_state = {k: v for k, v in state.items() if k not in ("current_task", "trained_up_to", "optimizer_carried")}

@@ -1,0 +1,56 @@
+"""The run's results file and the table printed at the end.
+
+`results.json` is the stable interface users script against. It is rewritten atomically (temporary file in the same
+folder, then rename) after every task, so a crash leaves the last complete version and `status` says how it ended:
+`running`, `finished` or `failed` (with `error`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, allow_nan=True)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def format_table(results: dict) -> str:
+    """The accuracy matrix (rows: after training task i; columns: task j) and the metrics, as plain text."""
+    R = results["acc_matrix"]
+    T = len(results["random_init_acc"])
+    width = 7
+    header = "after \\ on " + "".join(f"{'T' + str(j):>{width}}" for j in range(T)) + f"{'avg':>{width}}"
+    lines = [header, "-" * len(header)]
+    lines.append(f"{'init':<11}" + "".join(f"{100 * a:>{width}.2f}" for a in results["random_init_acc"]))
+    for i, row in enumerate(R):
+        avg = results["avg_acc_per_step"][i] if i < len(results.get("avg_acc_per_step", [])) else None
+        cells = "".join(f"{100 * a:>{width}.2f}" for a in row)
+        lines.append(f"{'T' + str(i):<11}" + cells + (f"{100 * avg:>{width}.2f}" if avg is not None else ""))
+
+    def pct(key):
+        value = results.get(key)
+        return "n/a" if value is None else f"{100 * value:.2f}"
+
+    lines.append("")
+    lines.append(
+        f"avg_acc {pct('avg_acc')} | forgetting {pct('forgetting')} | bwt {pct('bwt')} | fwt {pct('fwt')}"
+        f"   (percent; accuracy on task j after training task i)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,53 @@
+"""Shared test helpers: a synthetic image source and a runner for the real entry point."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from src.data.source import ImageData
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class SyntheticSource:
+    """Small learnable images: each class lights up its own pixel block, plus noise. Usable from Hydra as
+    `dataset.source._target_=tests.helpers.SyntheticSource`."""
+
+    def __init__(self, n_classes: int = 10, n_train: int = 100, n_test: int = 20, shape=(1, 8, 8), seed: int = 0,
+                 root: str | None = None, **_):
+        self.n_classes, self.n_train, self.n_test, self.shape, self.seed = n_classes, n_train, n_test, tuple(shape), seed
+
+    def _make(self, per_class, generator):
+        y = torch.arange(self.n_classes).repeat_interleave(per_class)
+        x = torch.randint(0, 60, (len(y), *self.shape), generator=generator, dtype=torch.uint8)
+        flat = x.view(len(y), -1)
+        block = max(1, flat.shape[1] // self.n_classes)
+        for c in range(self.n_classes):
+            flat[y == c, c * block : (c + 1) * block] = 255
+        return x, y
+
+    def load(self) -> ImageData:
+        generator = torch.Generator().manual_seed(self.seed)
+        train_x, train_y = self._make(self.n_train, generator)
+        test_x, test_y = self._make(self.n_test, generator)
+        channels = self.shape[0]
+        return ImageData(train_x, train_y, test_x, test_y, self.n_classes, (0.2,) * channels, (0.3,) * channels)
+
+
+def run_train(run_dir: Path, *overrides: str, check: bool = True, timeout: int = 600, env=None):
+    """Run `python -m src.train` as a user would, in a subprocess from the project root."""
+    cmd = [sys.executable, "-m", "src.train", f"hydra.run.dir={run_dir}", "callbacks=none", *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_results(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
