@@ -38,7 +38,8 @@ warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-def build_and_run(cfg: DictConfig, run_dir: Path) -> dict:
+def build_task_loop(cfg: DictConfig, run_dir: Path) -> TaskLoop:
+    """Everything a run needs, built from the config; `TaskLoop.run()` then trains the whole sequence."""
     validate_config(cfg)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -56,19 +57,18 @@ def build_and_run(cfg: DictConfig, run_dir: Path) -> dict:
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    loop = TaskLoop(
+    return TaskLoop(
         trainer, module, datamodule, run_dir,
         epochs_per_task=cfg.trainer.max_epochs, steps_per_task=cfg.trainer.max_steps,
         config=OmegaConf.to_container(cfg, resolve=True), save_checkpoints=cfg.save_checkpoints,
     )
-    return loop.run()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        results = build_and_run(cfg, run_dir)
+        results = build_task_loop(cfg, run_dir).run()
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
