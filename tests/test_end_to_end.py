@@ -1,0 +1,78 @@
+"""`python -m src.train` run as a user runs it (a subprocess with Hydra overrides), for every method × scenario."""
+
+import json
+
+import pytest
+
+from tests.helpers import FMNIST_SYSTEM_DIR, read_results, run_train
+
+pytestmark = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
+
+
+@pytest.mark.parametrize("scenario", ["task", "class", "domain"])
+@pytest.mark.parametrize("method", ["finetune", "joint"])
+def test_short_run_fills_the_run_folder(tmp_path, method, scenario):
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, f"method={method}", f"scenario={scenario}", "trainer.max_steps=5",
+                     "trainer.log_every_n_steps=1")
+    results = read_results(run_dir)
+    assert results["status"] == "finished" and results["method"] == method and results["scenario"] == scenario
+    R = results["acc_matrix"]
+    assert len(R) == 5 and all(len(row) == 5 for row in R)
+    assert all(0.0 <= a <= 1.0 for row in R for a in row)
+    assert results["steps_per_task"] == [5] * 5
+    for name in ("config.yaml", "results.json", "acc_matrix.png", "avg_acc.png", "train.log",
+                 "checkpoints/last.ckpt", "checkpoints/task_4.ckpt", "csv/metrics.csv", ".hydra/config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert "after \\ on" in proc.stdout and "avg_acc" in proc.stdout  # the table printed at the end
+    assert "task 5/5 done" in (run_dir / "train.log").read_text()
+    csv_header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/loss" in csv_header and "eval/acc_task_0" in csv_header
+
+
+def test_default_job_and_two_epochs_per_task(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "method=joint", "scenario=task", "trainer.max_epochs=2", "dataset.tasks.n_tasks=2",
+              "logger=tensorboard")
+    results = read_results(run_dir)
+    # 2 epochs of task 0 (10,800 images / 128 = 85 batches); task 1 joint: 21,600 images = 169 batches
+    assert results["steps_per_task"] == [2 * 85, 2 * 169]
+    assert results["avg_acc"] > 0.9
+    assert any((run_dir / "tensorboard").rglob("events.out.tfevents*"))
+
+
+def test_hydra_help_and_config_dump():
+    from tests.helpers import ROOT
+    import subprocess
+    import sys
+
+    help_out = subprocess.run([sys.executable, "-m", "src.train", "--help"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout
+    for group in ("method:", "dataset:", "model:", "scenario:", "trainer:", "logger:", "callbacks:", "experiment:"):
+        assert group in help_out
+    job = subprocess.run([sys.executable, "-m", "src.train", "--cfg", "job", "method=joint"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "_target_: src.methods.joint.Joint" in job and "seed: 0" in job
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("trainer.max_epochs=0", "trainer.max_epochs"),
+        ("trainer.max_steps=-5", "trainer.max_steps"),
+        ("dataset.batch_size=0", "dataset.batch_size"),
+        ("dataset.val_fraction=1.5", "dataset.val_fraction"),
+        ("dataset.tasks.n_tasks=6", "n_tasks × classes_per_task"),
+        ("scenario=class", None),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_key(tmp_path, override, key):
+    extra = ["scenario.train_classes=new"] if key is None else []
+    proc = run_train(tmp_path / "run", override, *extra, "trainer.max_steps=1" if "max" not in override else "seed=0",
+                     check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and (key or "scenario.train_classes") in last
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "results.json").exists() or json.loads(
+        (tmp_path / "run" / "results.json").read_text())["status"] != "finished"
