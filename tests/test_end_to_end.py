@@ -42,9 +42,10 @@ def test_default_job_and_two_epochs_per_task(tmp_path):
 
 
 def test_hydra_help_and_config_dump():
-    from tests.helpers import ROOT
     import subprocess
     import sys
+
+    from tests.helpers import ROOT
 
     help_out = subprocess.run([sys.executable, "-m", "src.train", "--help"], cwd=ROOT, capture_output=True,
                               text=True, check=True).stdout

@@ -100,7 +100,7 @@ def test_train_loader_serves_only_the_current_task_and_joint_the_union():
     dm = make_dm()
     dm.set_task(2)
     seen = set()
-    for x, y, t in dm.train_dataloader():
+    for x, _, t in dm.train_dataloader():
         seen.update(t.tolist())
         assert x.dtype == torch.uint8
     assert seen == {2}
@@ -128,6 +128,7 @@ def test_shards_for_ddp():
         return [int(v) for x, _, _ in loader for v in x.flatten()], len(loader)
 
     (r0, n0), (r1, n1) = seen(0, False), seen(1, False)
+    assert n0 == 6 and n1 == 6  # 52 and 51 samples in batches of 10
     assert sorted(r0 + r1) == list(range(103)) and not set(r0) & set(r1)  # evaluation: every sample exactly once
     (t0, m0), (t1, m1) = seen(0, True), seen(1, True)
     assert len(t0) == len(t1) == 51 and m0 == m1 and not set(t0) & set(t1)  # training: equal shards

@@ -24,6 +24,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
             json.dump(data, handle, indent=2, allow_nan=True)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

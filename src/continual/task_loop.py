@@ -97,7 +97,7 @@ class TaskLoop:
             task_start = time.perf_counter()
             self.dm.set_task(task, include_past=regularizer.trains_on_past_tasks)
             self.module.current_task = task
-            log.info(
+            self._info(
                 "task %d/%d: classes %s, training on task(s) %s",
                 task + 1, n_tasks, self.results["task_classes"][task], self.dm.train_tasks,
             )
@@ -119,13 +119,17 @@ class TaskLoop:
             if self.save_checkpoints:
                 self._timed("checkpoint", self._checkpoint, task)
             self._write()
-            log.info(
+            self._info(
                 "task %d/%d done: %d steps in %.1f s, average accuracy on tasks so far %.2f%%",
                 task + 1, n_tasks, self.results["steps_per_task"][-1], self.results["task_times_s"][-1],
                 100 * self.results["avg_acc_per_step"][-1],
             )
         self.results["status"] = "finished"
         self._finish()
+
+    def _info(self, *args) -> None:
+        if self.trainer.is_global_zero:
+            log.info(*args)
 
     def _extend_limits(self) -> None:
         """Move the trainer's cumulative limits forward by exactly one task."""
