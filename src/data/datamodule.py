@@ -1,0 +1,140 @@
+"""The task-sequence DataModule: one task at a time for training, every task for evaluation.
+
+Images stay uint8 tensors in memory (optionally on the training device) and are normalised per batch after they
+reach the device. Batches are `(x, local_label, task_id)`; the scenario maps local labels to the model's targets.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from src.data.loader import TensorBatchLoader
+from src.data.source import ImageData
+
+
+class TaskSequenceDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source,
+        tasks,
+        batch_size: int = 128,
+        eval_batch_size: int = 1000,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        data_on_device: bool = False,
+    ):
+        super().__init__()
+        self.source, self.tasks = source, tasks
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.val_fraction, self.seed, self.data_on_device = val_fraction, seed, data_on_device
+        self.data: ImageData | None = None
+        self.task_list = []
+        self.current_task = 0
+        self.train_tasks: list[int] = [0]
+        self.eval_split = "test"  # what `test_dataloader` serves: "test", or "val" (carved from train)
+        self._norm_cache: dict = {}
+
+    # ---- loading -------------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Runs on one process per machine before the others set up, so a download happens once."""
+        self.setup()
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load and split once; Lightning calls this at every fit/test, so it must be idempotent."""
+        if self.data is None:
+            self.data = self.source.load()
+            self.task_list = self.tasks.build(
+                self.data.train_y, self.data.test_y, self.data.n_classes, self.val_fraction, self.seed
+            )
+        if self.data_on_device and self.trainer is not None:
+            device = self.trainer.strategy.root_device
+            self.data.train_x, self.data.test_x = self.data.train_x.to(device), self.data.test_x.to(device)
+
+    @property
+    def n_tasks(self) -> int:
+        return self.tasks.n_tasks
+
+    @property
+    def classes_per_task(self) -> int:
+        return self.tasks.classes_per_task
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        self.setup()
+        return self.data.input_shape
+
+    def task_classes(self) -> list[list[int]]:
+        """The source class ids of each task, in local-label order (written to results.json)."""
+        self.setup()
+        return [task.classes for task in self.task_list]
+
+    # ---- which task is served ------------------------------------------------------------------------------------
+    def set_task(self, task: int, include_past: bool = False) -> None:
+        """Serve task `task` for training; with `include_past`, the union of tasks 0…task (the joint baseline)."""
+        self.current_task = task
+        self.train_tasks = list(range(task + 1)) if include_past else [task]
+
+    def _rank_world(self) -> tuple[int, int]:
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def _loader(self, split: str, task_ids: list[int], batch_size: int, shuffle: bool, seed: int = 0):
+        self.setup()
+        images = self.data.test_x if split == "test" else self.data.train_x
+        parts = [self.task_list[t] for t in task_ids]
+        index = torch.cat([getattr(p, f"{split}_index") for p in parts])
+        labels = torch.cat([getattr(p, f"{split}_label") for p in parts])
+        tasks = torch.cat([torch.full((len(getattr(p, f"{split}_index")),), t) for t, p in zip(task_ids, parts, strict=True)])
+        rank, world = self._rank_world()
+        device = images.device
+        return TensorBatchLoader(
+            images, index.to(device), labels.to(device), tasks.to(device), batch_size, shuffle, seed, rank, world
+        )
+
+    def train_dataloader(self):
+        return self._loader(
+            "train", self.train_tasks, self.batch_size, shuffle=True, seed=self.seed * 1000 + self.current_task
+        )
+
+    def test_dataloader(self):
+        return self.eval_dataloaders(self.eval_split)
+
+    def eval_dataloaders(self, split: str = "test") -> list[TensorBatchLoader]:
+        """One loader per task (seen or not), in task order; `split` is "test" or "val"."""
+        return [self._loader(split, [t], self.eval_batch_size, shuffle=False) for t in range(self.n_tasks)]
+
+    def task_batches(self, task: int, split: str = "train", batch_size: int | None = None, device=None,
+                     max_samples: int | None = None):
+        """Normalised batches of one task on `device`, outside Lightning's loops (e.g. for a Fisher estimate).
+
+        In order (no shuffling), at most `max_samples` samples (the first ones of this task), and sharded over DDP
+        ranks like evaluation: each rank sees a disjoint part and together they see each sample once.
+        """
+        loader = self._loader(split, [task], batch_size or self.eval_batch_size, shuffle=False)
+        if max_samples is not None:
+            loader.index, loader.labels, loader.task_ids = (
+                loader.index[:max_samples], loader.labels[:max_samples], loader.task_ids[:max_samples]
+            )
+        for batch in loader:
+            if device is not None:
+                batch = tuple(b.to(device, non_blocking=True) for b in batch)
+            yield self.on_after_batch_transfer(batch, 0)
+
+    def has_validation(self) -> bool:
+        self.setup()
+        return all(len(task.val_index) > 0 for task in self.task_list)
+
+    # ---- on the device -------------------------------------------------------------------------------------------
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 → normalised float in one fused pass on the training device, then the task's own transform."""
+        x, y, task_ids = batch
+        key = (x.device, x.shape[1])
+        if key not in self._norm_cache:
+            std = torch.tensor(self.data.std, device=x.device).view(1, -1, 1, 1)
+            mean = torch.tensor(self.data.mean, device=x.device).view(1, -1, 1, 1)
+            self._norm_cache[key] = (1.0 / (255.0 * std), -mean / std)
+        scale, shift = self._norm_cache[key]
+        x = torch.addcmul(shift, x.float(), scale)
+        return self.tasks.batch_transform(x, task_ids), y, task_ids

@@ -1,0 +1,85 @@
+"""Finding, downloading and verifying dataset files.
+
+A file is looked for in a list of folders (the project's data folder first, then system copies such as Debian's
+packages), and downloaded with torch's own downloader only when no folder has it. Every file is verified before it
+is used; a corrupt download is removed so that the next try fetches it again.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+from pathlib import Path
+
+from torch.hub import download_url_to_file
+
+
+class DatasetError(RuntimeError):
+    """A dataset file is missing, corrupt or unparsable. The message is one line meant for the user."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_gz_verified(path: Path, sha256_of_content: str | None) -> bytes:
+    """Decompress `path` and check the decompressed bytes.
+
+    We check the *content*, not the archive: repackaged copies (Debian recompresses the `.gz` files) have other
+    archive checksums but the same data.
+    """
+    try:
+        data = gzip.decompress(path.read_bytes())
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise DatasetError(f"{path}: not a valid gzip file ({err}); delete it and run again to re-download") from err
+    if sha256_of_content is not None and sha256_bytes(data) != sha256_of_content:
+        raise DatasetError(
+            f"{path}: checksum mismatch (sha256 of content {sha256_bytes(data)[:12]}…, expected "
+            f"{sha256_of_content[:12]}…); delete it and run again to re-download"
+        )
+    return data
+
+
+def find_or_download(
+    filename: str,
+    search_dirs: list[Path],
+    download_dir: Path,
+    base_url: str | None,
+    verify,
+):
+    """Return `verify(path)` for the first folder holding a valid `filename`, downloading it if none does.
+
+    `verify` parses and checks a file, raising DatasetError when it is bad. A bad file in a search folder is
+    reported, not deleted (it may be a system copy); a bad file in `download_dir` is ours, so it is deleted and
+    fetched again, and a bad fresh download is deleted before the error is raised.
+    """
+    problems = []
+    for folder in search_dirs:
+        path = Path(folder) / filename
+        if path.is_file():
+            try:
+                return verify(path)
+            except DatasetError as err:
+                problems.append(str(err))
+                if Path(folder).resolve() == Path(download_dir).resolve():
+                    os.remove(path)  # our own earlier download: remove it so that it is fetched again
+    if base_url is None:
+        looked = ", ".join(str(d) for d in search_dirs)
+        extra = f" ({'; '.join(problems)})" if problems else ""
+        raise DatasetError(f"{filename} not found in {looked}{extra}")
+    download_dir.mkdir(parents=True, exist_ok=True)
+    target = download_dir / filename
+    url = base_url.rstrip("/") + "/" + filename
+    try:
+        download_url_to_file(url, str(target), progress=True)
+    except Exception as err:  # urllib raises many kinds; all mean the same thing to the user
+        looked = ", ".join(str(d) for d in search_dirs)
+        raise DatasetError(
+            f"{filename} not found in {looked} and download from {url} failed ({type(err).__name__}: {err})"
+        ) from err
+    try:
+        return verify(target)
+    except DatasetError:
+        os.remove(target)
+        raise
