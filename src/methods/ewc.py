@@ -1,0 +1,226 @@
+"""Elastic Weight Consolidation (Kirkpatrick et al., PNAS 2017), separate or online (Schwarz et al., ICML 2018).
+
+The loss while task t trains is
+
+    L(θ) = L_task(θ) + (λ/2) · Σ_k Σ_i F_k,i · (θ_i − θ*_k,i)²
+
+- θ*_k: the trainable parameters right after task k; F_k: the diagonal Fisher of task k at θ*_k, the **mean over
+  samples of the squared per-sample gradient** of log p(y|x, θ*_k) (`src/methods/fisher.py`). F is a per-sample
+  mean, so λ does not depend on the batch size or on how many samples estimate the Fisher; the ½ is there, so the
+  penalty's gradient is exactly λ · Σ_k F_k ⊙ (θ − θ*_k). See `docs/ewc.md` for other libraries' λ scales.
+- `mode: separate`: one (F_k, θ*_k) per finished task, all of them summed (memory grows with the tasks).
+  `mode: online`: one running Fisher F ← γ·F + F_new and only the latest anchor θ* (Schwarz et al.); γ = 1 keeps
+  every task's Fisher at full weight. `gamma` is unused in separate mode.
+- `fisher`: which labels y the expectation is over: `exact` (all active classes, weighted by the model's own
+  probabilities: the true Fisher, the default), `sample` (one label drawn from the model's prediction per input, with
+  a generator seeded from `seed` and the task), `empirical` (the data's labels).
+- The Fisher is estimated in `on_task_end` on the finished task's training data (its first `fisher_samples` samples,
+  all if null), with the model in **eval mode** (BatchNorm running statistics, no dropout), for every trainable
+  parameter. Under DDP every rank estimates on its shard and the sums are all-reduced.
+- Outputs: the predictive distribution is the scenario's *active outputs* of the finished task
+  (`scenario.eval_view`): task-incremental — that task's own head; class-incremental — all classes seen so far (the
+  rows of classes not seen yet get zero Fisher, so the growing head needs no reshaping); domain-incremental — the
+  shared head.
+- Task-incremental heads: task k's Fisher is non-zero on head k's rows only, so each old head is **penalised** with
+  its own task's Fisher; since the task-incremental cross-entropy never touches another task's head, the old heads
+  stay at their anchors and their penalty stays zero, i.e. they are effectively frozen. The head being trained has
+  zero Fisher from all earlier tasks and is free.
+
+Implementation: Σ_k F_k (θ − θ*_k)² is a quadratic in θ with the same minimiser for every step of a task, so the terms
+are consolidated once per task (in float64) into A = Σ_k F_k, centre m = Σ_k F_k θ*_k / A and a constant c, giving
+Σ_i A_i (θ_i − m_i)² + c: one fused, vectorised pass over one flat vector per step whatever the number of tasks.
+
+State (Fisher, anchors, Fisher statistics) is in `state_dict`, so every checkpoint carries it. `fisher_stats` is a
+list with one dict per finished task: mean, max, the fraction of the Fisher's mass in its top 1% of weights, the
+number of samples and the seconds the estimate took.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from src.continual.validate import ConfigError
+from src.methods.base import Regularizer
+from src.methods.fisher import KINDS, fisher_diagonal
+
+MODES = ("separate", "online")
+
+
+class EWC(Regularizer):
+    def __init__(
+        self,
+        lam: float | None = None,
+        mode: str = "separate",
+        gamma: float = 1.0,
+        fisher: str = "exact",
+        fisher_samples: int | None = None,
+        fisher_batch_size: int = 500,
+        seed: int = 0,
+        **kwargs,
+    ):
+        if "lambda" in kwargs:  # the config key; `lambda` is a Python keyword, so the argument is `lam`
+            if lam is not None:
+                raise ConfigError("method: give `lambda` or `lam`, not both")
+            lam = kwargs.pop("lambda")
+        if kwargs:
+            raise ConfigError(f"method: unknown key(s) {', '.join(sorted(kwargs))} for EWC")
+        lam = 1.0 if lam is None else lam
+        _check(isinstance(lam, (int, float)) and lam >= 0, "method.lambda", lam, "a number >= 0")
+        _check(mode in MODES, "method.mode", mode, f"one of {', '.join(MODES)}")
+        _check(isinstance(gamma, (int, float)) and 0 <= gamma <= 1, "method.gamma", gamma, "a number in [0, 1]")
+        _check(fisher in KINDS, "method.fisher", fisher, f"one of {', '.join(KINDS)}")
+        _check(fisher_samples is None or (isinstance(fisher_samples, int) and fisher_samples >= 1),
+               "method.fisher_samples", fisher_samples, "null (all samples) or an integer >= 1")
+        _check(isinstance(fisher_batch_size, int) and fisher_batch_size >= 1, "method.fisher_batch_size",
+               fisher_batch_size, "an integer >= 1")
+        self.lam, self.mode, self.gamma = float(lam), mode, float(gamma)
+        self.fisher_kind, self.fisher_samples, self.fisher_batch_size = fisher, fisher_samples, fisher_batch_size
+        self.seed = seed
+        self.param_names: list[str] | None = None
+        # separate: one {"tasks", "fisher", "anchor"} per finished task; online: a single one, the running Fisher
+        self.terms: list[dict] = []
+        self.fisher_stats: list[dict] = []
+        self._quadratic = None  # (A, m, c) consolidated from `terms`, on the parameters' device
+        self._params_cache = None
+
+    # ---- the penalty, every training step ------------------------------------------------------------------------
+    def loss(self, module, batch, logits, task_loss):
+        if self._quadratic is None:
+            return {"loss": task_loss, "ewc_penalty": torch.zeros((), device=task_loss.device)}
+        params = self._params(module)
+        precision, centre, const = self._on_device(params[0].device)
+        penalty = _QuadraticPenalty.apply(precision, centre, self.lam, const, *params)
+        return {"loss": task_loss + penalty, "ewc_penalty": penalty.detach()}
+
+    def penalty(self, module) -> torch.Tensor:
+        """(λ/2) Σ_k Σ_i F_k,i (θ_i − θ*_k,i)² at the module's current parameters (0 before the first task ends)."""
+        zero = torch.zeros(())
+        return self.loss(module, None, None, zero)["ewc_penalty"] if self._quadratic is not None else zero
+
+    def _params(self, module) -> list[torch.nn.Parameter]:
+        if self._params_cache is None or self._params_cache[0] is not module:
+            named = dict(module.named_parameters())
+            missing = [n for n in self.param_names if n not in named]
+            if missing:
+                raise ValueError(f"EWC state names parameters the model does not have: {missing[:5]}")
+            self._params_cache = (module, [named[n] for n in self.param_names])
+        return self._params_cache[1]
+
+    def _on_device(self, device):
+        precision, centre, const = self._quadratic
+        if precision.device != device:
+            self._quadratic = (precision.to(device), centre.to(device), const)
+        return self._quadratic
+
+    # ---- the Fisher, at the end of every task ----------------------------------------------------------------------
+    def on_task_end(self, task, module, datamodule):
+        if self.param_names is None:
+            self.param_names = [n for n, p in module.named_parameters() if p.requires_grad]
+        params = dict(zip(self.param_names, self._params(module), strict=True))
+        device = params[self.param_names[0]].device
+        rank = getattr(module, "global_rank", 0)
+        generator = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + task * 1009 + rank)
+
+        def active_outputs(logits, batch):
+            return module.scenario.eval_view(logits, batch[1], batch[2], trained_up_to=task)
+
+        start = time.perf_counter()
+        batches = datamodule.task_batches(task, "train", batch_size=self.fisher_batch_size, device=device,
+                                          max_samples=self.fisher_samples)
+        fisher, n = fisher_diagonal(module, batches, self.fisher_kind, active_outputs, params, generator)
+        seconds = time.perf_counter() - start
+        anchor = {name: p.detach().clone() for name, p in params.items()}
+
+        if self.mode == "online" and self.terms:
+            old = self.terms[0]
+            running = {name: self.gamma * old["fisher"][name] + f for name, f in fisher.items()}
+            self.terms = [{"tasks": [*old["tasks"], task], "fisher": running, "anchor": anchor}]
+        else:
+            self.terms.append({"tasks": [task], "fisher": fisher, "anchor": anchor})
+        self._consolidate()
+        self.fisher_stats.append({"task": task, "kind": self.fisher_kind, "n_samples": n, "seconds": seconds,
+                                  **fisher_statistics(fisher)})
+        self._log_stats(module)
+
+    def _consolidate(self) -> None:
+        """A = Σ_k F_k, m = Σ_k F_k θ*_k / A (θ* of the latest task where A = 0), c = Σ_k Σ_i F_k,i (θ*_k,i − m_i)²."""
+        flat = [(_flatten(t["fisher"], self.param_names).double(), _flatten(t["anchor"], self.param_names).double())
+                for t in self.terms]
+        precision = sum(f for f, _ in flat)
+        weighted = sum(f * a for f, a in flat)
+        centre = torch.where(precision > 0, weighted / precision.clamp_min(torch.finfo(torch.float64).tiny),
+                             flat[-1][1])
+        const = float(sum((f * (a - centre) ** 2).sum() for f, a in flat))
+        dtype = self.terms[-1]["anchor"][self.param_names[0]].dtype
+        self._quadratic = (precision.to(dtype), centre.to(dtype), const)
+
+    def _log_stats(self, module) -> None:
+        stats = self.fisher_stats[-1]
+        values = {f"ewc/fisher_{k}": float(v) for k, v in stats.items() if k not in ("task", "kind")}
+        step = module.trainer.global_step if getattr(module, "_trainer", None) is not None else stats["task"]
+        for logger in getattr(module, "loggers", []):
+            logger.log_metrics(values, step=step)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+        return {
+            "mode": self.mode,
+            "param_names": self.param_names,
+            "terms": [{"tasks": t["tasks"], "fisher": cpu(t["fisher"]), "anchor": cpu(t["anchor"])} for t in self.terms],
+            "fisher_stats": [dict(s) for s in self.fisher_stats],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if state["mode"] != self.mode:
+            raise ConfigError(f"method.mode={self.mode!r} but the checkpoint was trained with mode={state['mode']!r}")
+        self.param_names = state["param_names"]
+        self.terms = [{"tasks": list(t["tasks"]), "fisher": dict(t["fisher"]), "anchor": dict(t["anchor"])}
+                      for t in state["terms"]]
+        self.fisher_stats = [dict(s) for s in state["fisher_stats"]]
+        self._params_cache = None
+        self._quadratic = None
+        if self.terms:
+            self._consolidate()
+
+
+class _QuadraticPenalty(torch.autograd.Function):
+    """(λ/2)·(Σ_i A_i (θ_i − m_i)² + c) over the concatenated parameters; backward: λ·A ⊙ (θ − m), no graph kept."""
+
+    @staticmethod
+    def forward(ctx, precision, centre, lam, const, *params):
+        diff = torch.cat([p.detach().reshape(-1) for p in params]).sub_(centre)
+        weighted = precision * diff
+        ctx.save_for_backward(weighted)
+        ctx.lam, ctx.shapes = lam, [p.shape for p in params]
+        return (0.5 * lam) * (torch.dot(diff, weighted) + const)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (weighted,) = ctx.saved_tensors
+        flat = weighted * (grad * ctx.lam)
+        grads = [g.view(shape) for g, shape in zip(flat.split([math.prod(s) for s in ctx.shapes]), ctx.shapes, strict=True)]
+        return (None, None, None, None, *grads)
+
+
+def fisher_statistics(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean, max, and the fraction of the total Fisher mass held by the top 1% of weights."""
+    flat = torch.cat([f.detach().reshape(-1).double() for f in fisher.values()])
+    total = float(flat.sum())
+    k = max(1, math.ceil(0.01 * flat.numel()))
+    top = float(flat.topk(k).values.sum())
+    return {"mean": float(flat.mean()), "max": float(flat.max()), "top1pct_mass": top / total if total > 0 else 0.0}
+
+
+def _flatten(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
+    return torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+def _check(condition: bool, key: str, value, allowed: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
