@@ -11,6 +11,7 @@ validation split exists, else test average accuracy).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.continual.module import ContinualModule
-from src.continual.task_loop import TaskLoop
+from src.continual.task_loop import ResumeError, TaskLoop
 from src.continual.validate import ConfigError, validate_config
 from src.data.download import DatasetError
 
@@ -34,14 +35,57 @@ log = logging.getLogger("src.train")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*is not a `torch.utils.data.DataLoader`.*")
 warnings.filterwarnings("ignore", message=".*treespec, LeafSpec.*")
+# Our loaders resume mid-epoch themselves (TaskSequenceDataModule.train_dataloader), so Lightning's advice is moot.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
 # Lightning's start-up notices (accelerator summary, tips) and per-fit "stopped" lines drown the task-boundary lines.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+# `resume=<folder>` makes that folder the run folder (conf/hydra/default.yaml)
+OmegaConf.register_new_resolver("resume_or", lambda resume, default: str(resume) if resume else default, replace=True)
+
+# What may differ between a run and its continuation: where things are written, how often it checkpoints.
+MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "paths", "logger", "callbacks", "checkpoint", "save_checkpoints",
+                        "trainer.default_root_dir")
+
+
+def _flatten(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flatten(value, f"{prefix}{key}.")
+    else:
+        yield prefix[:-1], tree
+
+
+def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
+    """The checkpoint `resume=`/`ckpt_path=` point at, after checking it belongs to a run of the same config."""
+    if not cfg.get("resume") and not cfg.get("ckpt_path"):
+        return None
+    key = "ckpt_path" if cfg.get("ckpt_path") else "resume"
+    ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else Path(cfg.resume) / "checkpoints" / "last.ckpt"
+    source = Path(cfg.resume) if cfg.get("resume") else ckpt.parent.parent
+    if not (source / "config.yaml").is_file():
+        raise ConfigError(f"{key}={cfg[key]!r} is invalid: {source} is not a run folder (it has no config.yaml)")
+    if not ckpt.is_file():
+        raise ConfigError(f"{key}={cfg[key]!r} is invalid: there is no checkpoint {ckpt} (nothing to continue from)")
+    before = dict(_flatten(OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))))
+    now = dict(_flatten(OmegaConf.to_container(cfg, resolve=True)))
+    for name in sorted(before.keys() | now.keys()):
+        if any(name == k or name.startswith(k + ".") for k in MAY_DIFFER_ON_RESUME):
+            continue
+        if before.get(name, "<absent>") != now.get(name, "<absent>"):
+            raise ConfigError(
+                f"{key}={cfg[key]!r} is invalid: that run was made with {name}={before.get(name, '<absent>')!r}, "
+                f"this config has {name}={now.get(name, '<absent>')!r}"
+            )
+    return ckpt
 
 
 def build_task_loop(cfg: DictConfig, run_dir: Path) -> TaskLoop:
     """Everything a run needs, built from the config; `TaskLoop.run()` then trains the whole sequence."""
     validate_config(cfg)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+    is_main_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
+    if is_main_process and not cfg.get("resume"):
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.dataset, _recursive_=True)
@@ -61,15 +105,25 @@ def build_task_loop(cfg: DictConfig, run_dir: Path) -> TaskLoop:
         trainer, module, datamodule, run_dir,
         epochs_per_task=cfg.trainer.max_epochs, steps_per_task=cfg.trainer.max_steps,
         config=OmegaConf.to_container(cfg, resolve=True), save_checkpoints=cfg.save_checkpoints,
+        checkpoint_every_n_steps=cfg.checkpoint.every_n_steps,
     )
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # resume=<folder> continues in that folder (it is also Hydra's run folder unless hydra.run.dir says otherwise)
+    run_dir = Path(cfg.resume) if cfg.get("resume") else Path(HydraConfig.get().runtime.output_dir)
     try:
-        results = build_task_loop(cfg, run_dir).run()
-    except (ConfigError, DatasetError) as err:
+        validate_config(cfg)
+        ckpt = checkpoint_to_resume(cfg)
+        previous = run_dir / "results.json"
+        if ckpt is not None and cfg.get("resume") and previous.is_file():
+            results = json.loads(previous.read_text())
+            if results.get("status") == "finished":
+                log.info("%s already finished; nothing to do", run_dir)
+                return results["val_avg_acc"] if results.get("val_avg_acc") is not None else results["avg_acc"]
+        results = build_task_loop(cfg, run_dir).run(resume_from=ckpt)
+    except (ConfigError, DatasetError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     return results["val_avg_acc"] if results["val_avg_acc"] is not None else results["avg_acc"]

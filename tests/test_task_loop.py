@@ -88,7 +88,8 @@ def test_results_file_schema_and_checkpoints(tmp_path):
     assert results["config"]["trainer"]["max_steps"] == 3
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {f"task_{t}.ckpt" for t in range(5)} | {"last.ckpt"}
     ckpt = torch.load(run_dir / "checkpoints" / "task_2.ckpt", weights_only=False)
-    assert ckpt["continual"]["next_task"] == 3 and len(ckpt["continual"]["results"]["acc_matrix"]) == 3
+    assert ckpt["continual"]["phase"] == "done" and ckpt["continual"]["task"] == 2
+    assert len(ckpt["continual"]["results"]["acc_matrix"]) == 3 and "rng" in ckpt["continual"]
     assert "regularizer" in ckpt and ckpt["optimizer_states"]
     assert (run_dir / "acc_matrix.png").stat().st_size > 0 and (run_dir / "avg_acc.png").stat().st_size > 0
     assert not [p for p in run_dir.rglob("*.tmp")]

@@ -8,8 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from src.continual.checkpointing import capture_rng
 from src.continual.scenarios import Scenario
 from src.methods.base import Regularizer
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
 
 
 class ContinualModule(L.LightningModule):
@@ -53,6 +58,11 @@ class ContinualModule(L.LightningModule):
         view, targets = self.scenario.train_view(logits, labels, task_ids, self.current_task)
         task_loss = F.cross_entropy(view, targets)
         terms = self.regularizer.loss(self, batch, logits, task_loss)
+        if not torch.isfinite(terms["loss"]):
+            raise NonFiniteLossError(
+                f"non-finite loss ({float(terms['loss'])}) in task {self.current_task} at step {self.global_step}; "
+                "the last good checkpoint is kept (lower the learning rate or the method's strength?)"
+            )
         if "task_loss" not in terms:
             terms = {**terms, "task_loss": task_loss}
         for name, value in terms.items():
@@ -91,6 +101,7 @@ class ContinualModule(L.LightningModule):
             "current_task": self.current_task,
             "trained_up_to": self.trained_up_to,
             "optimizer_carried": self._optimizer_state,
+            "rng": capture_rng(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -100,3 +111,4 @@ class ContinualModule(L.LightningModule):
         self.trained_up_to = state.get("trained_up_to", -1)
         self._optimizer_state = state.get("optimizer_carried")
         self.loop_state = {k: v for k, v in state.items() if k not in ("current_task", "trained_up_to", "optimizer_carried")}
+

@@ -9,19 +9,24 @@ again, so a fresh optimizer per task is the natural result (the module can carry
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
 import lightning as L
+import torch
 
 from src.continual import metrics
+from src.continual.checkpointing import StepCheckpoint, link_atomic, restore_rng, save_atomic
 from src.continual.module import ContinualModule
 from src.continual.plots import plot_accuracy_matrix, plot_average_accuracy
 from src.continual.results import SCHEMA_VERSION, format_table, write_json_atomic
 from src.data.datamodule import TaskSequenceDataModule
 
 log = logging.getLogger(__name__)
+
+
+class ResumeError(RuntimeError):
+    pass
 
 
 class TaskLoop:
@@ -35,11 +40,14 @@ class TaskLoop:
         steps_per_task: int,
         config: dict,
         save_checkpoints: bool = True,
+        checkpoint_every_n_steps: int = 0,
     ):
         self.trainer, self.module, self.dm = trainer, module, datamodule
         self.run_dir = Path(run_dir)
         self.epochs_per_task, self.steps_per_task = epochs_per_task, steps_per_task
         self.save_checkpoints = save_checkpoints
+        if save_checkpoints and checkpoint_every_n_steps > 0:
+            trainer.callbacks.append(StepCheckpoint(self.run_dir / "checkpoints" / "last.ckpt", checkpoint_every_n_steps))
         self.started = time.perf_counter()
         self.results = {
             "schema_version": SCHEMA_VERSION,
@@ -78,9 +86,10 @@ class TaskLoop:
         return out
 
     # ---- the sequence --------------------------------------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, resume_from: Path | None = None) -> dict:
+        """Train every task; with `resume_from` (a checkpoint of this run), continue where it was taken."""
         try:
-            self._run()
+            self._run(resume_from)
         except BaseException as err:
             self.results["status"] = "failed"
             self.results["error"] = f"{type(err).__name__}: {err}"
@@ -88,57 +97,100 @@ class TaskLoop:
             raise
         return self.results
 
-    def _run(self) -> None:
-        regularizer, n_tasks = self.module.regularizer, self.dm.n_tasks
-        self.module.trained_up_to = -1
-        self.results["random_init_acc"] = self._timed("eval", self.evaluate)
-        self._write()
-        for task in range(n_tasks):
-            task_start = time.perf_counter()
-            self.dm.set_task(task, include_past=regularizer.trains_on_past_tasks)
-            self.module.current_task = task
-            self._info(
-                "task %d/%d: classes %s, training on task(s) %s",
-                task + 1, n_tasks, self.results["task_classes"][task], self.dm.train_tasks,
-            )
-            regularizer.on_task_start(task, self.module, self.dm)
-            steps_before = self.trainer.global_step
-            self._extend_limits()
-            self._timed("train", self.trainer.fit, self.module, None, None, self.dm)
-            self.results["steps_per_task"].append(self.trainer.global_step - steps_before)
-            self._timed("task_end", regularizer.on_task_end, task, self.module, self.dm)
-
-            self.module.trained_up_to = task
-            row = self._timed("eval", self.evaluate, "test")
-            self.results["acc_matrix"].append(row)
-            if self.results["val_acc_matrix"] is not None:
-                self.results["val_acc_matrix"].append(self._timed("eval", self.evaluate, "val"))
-            self.results["task_times_s"].append(time.perf_counter() - task_start)
-            self._update_metrics()
-            self._log_row(task, row)
-            if self.save_checkpoints:
-                self._timed("checkpoint", self._checkpoint, task)
+    def _run(self, resume_from: Path | None) -> None:
+        first_task, mid_task = 0, None
+        if resume_from is not None:
+            first_task, mid_task = self._restore(resume_from)
+        else:
+            self.module.trained_up_to = -1
+            self.results["random_init_acc"] = self._timed("eval", self.evaluate)
             self._write()
-            self._info(
-                "task %d/%d done: %d steps in %.1f s, average accuracy on tasks so far %.2f%%",
-                task + 1, n_tasks, self.results["steps_per_task"][-1], self.results["task_times_s"][-1],
-                100 * self.results["avg_acc_per_step"][-1],
-            )
+        for task in range(first_task, self.dm.n_tasks):
+            self._train_task(task, resume=mid_task if task == first_task else None)
         self.results["status"] = "finished"
         self._finish()
+
+    def _train_task(self, task: int, resume: dict | None = None) -> None:
+        """Train, end and evaluate one task; `resume` holds the loop state of a checkpoint taken inside it."""
+        regularizer, n_tasks = self.module.regularizer, self.dm.n_tasks
+        task_start = time.perf_counter()
+        self.dm.set_task(task, include_past=regularizer.trains_on_past_tasks)
+        self.module.current_task = task
+        self._info("task %d/%d: classes %s, training on task(s) %s%s", task + 1, n_tasks,
+                   self.results["task_classes"][task], self.dm.train_tasks, " (resumed)" if resume else "")
+        if resume is None:
+            regularizer.on_task_start(task, self.module, self.dm)
+            start_step, start_epoch = self.trainer.global_step, self.trainer.current_epoch
+        else:  # on_task_start already ran before the checkpoint; its effects are in the restored state
+            start_step, start_epoch = resume["task_start_step"], resume["task_start_epoch"]
+        self.dm.task_start_step = start_step
+        self.module.loop_state = {"phase": "training", "task": task, "task_start_step": start_step,
+                                  "task_start_epoch": start_epoch, "results": self._results_for_checkpoint()}
+        self._set_limits(start_step, start_epoch)
+        ckpt_path = None
+        if resume is not None:
+            ckpt_path = resume["path"]
+            restore_rng(resume["rng"])
+        self._timed("train", lambda: self.trainer.fit(self.module, datamodule=self.dm, ckpt_path=ckpt_path,
+                                                      weights_only=False))
+        # A resumed fit that had nothing left to do returns while Lightning still flags its loops as restarting,
+        # which would make the next task's fit act as if it were resuming too.
+        self.trainer.fit_loop.restarting = False
+        self.results["steps_per_task"].append(self.trainer.global_step - start_step)
+        self._timed("task_end", regularizer.on_task_end, task, self.module, self.dm)
+
+        self.module.trained_up_to = task
+        row = self._timed("eval", self.evaluate, "test")
+        self.results["acc_matrix"].append(row)
+        if self.results["val_acc_matrix"] is not None:
+            self.results["val_acc_matrix"].append(self._timed("eval", self.evaluate, "val"))
+        self.results["task_times_s"].append(time.perf_counter() - task_start)
+        self._update_metrics()
+        self._log_row(task, row)
+        if self.save_checkpoints:
+            self._timed("checkpoint", self._checkpoint, task)
+        self._write()
+        self._info("task %d/%d done: %d steps in %.1f s, average accuracy on tasks so far %.2f%%",
+                   task + 1, n_tasks, self.results["steps_per_task"][-1], self.results["task_times_s"][-1],
+                   100 * self.results["avg_acc_per_step"][-1])
+
+    def _restore(self, path: Path) -> tuple[int, dict | None]:
+        """Load a checkpoint of this run: returns the task to start with, and its loop state if it was taken
+        in the middle of that task (else None: the task starts from its beginning)."""
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.get("continual", {})
+        if "phase" not in state:
+            raise ResumeError(f"{path}: not a checkpoint of a task sequence run")
+        saved = state["results"]
+        self.results.update({k: v for k, v in saved.items() if k in self.results and k != "config"})
+        self.results["status"], self.results["error"] = "running", None
+        self.started = time.perf_counter() - (saved.get("wall_time_s") or 0.0)
+        self.module.on_load_checkpoint(checkpoint)
+        task = state["task"]
+        self._info("resuming from %s: task %d, %s", path, task + 1,
+                   "after its evaluation" if state["phase"] == "done" else f"at step {checkpoint['global_step']}")
+        if state["phase"] == "done":
+            self.module.load_state_dict(checkpoint["state_dict"])
+            restore_rng(state["rng"])
+            return task + 1, None
+        return task, {**state, "path": str(path)}
+
+    def _results_for_checkpoint(self) -> dict:
+        self.results["wall_time_s"] = time.perf_counter() - self.started
+        return {k: v for k, v in self.results.items() if k != "config"}
 
     def _info(self, *args) -> None:
         if self.trainer.is_global_zero:
             log.info(*args)
 
-    def _extend_limits(self) -> None:
-        """Move the trainer's cumulative limits forward by exactly one task."""
+    def _set_limits(self, start_step: int, start_epoch: int) -> None:
+        """Lightning's limits are cumulative: set them to this task's start plus exactly one task's length."""
         fit_loop = self.trainer.fit_loop
         if self.steps_per_task > 0:
             fit_loop.max_epochs = -1
-            fit_loop.epoch_loop.max_steps = self.trainer.global_step + self.steps_per_task
+            fit_loop.epoch_loop.max_steps = start_step + self.steps_per_task
         else:
-            fit_loop.max_epochs = self.trainer.current_epoch + self.epochs_per_task
+            fit_loop.max_epochs = start_epoch + self.epochs_per_task
             fit_loop.epoch_loop.max_steps = -1
 
     def _update_metrics(self) -> None:
@@ -157,20 +209,13 @@ class TaskLoop:
             logger.log_metrics(values, step=self.trainer.global_step)
 
     def _checkpoint(self, task: int) -> None:
-        """`task_<t>.ckpt` after each task (atomically: written under a temporary name, then renamed), and
-        `last.ckpt` as a hard link to the newest one."""
+        """`task_<t>.ckpt` after each task, and `last.ckpt` (a hard link to the newest checkpoint)."""
         folder = self.run_dir / "checkpoints"
-        self.module.loop_state = {"next_task": task + 1, "results": {k: v for k, v in self.results.items() if k != "config"}}
-        tmp = folder / f".task_{task}.ckpt.tmp"
-        self.trainer.save_checkpoint(tmp, weights_only=False)  # collective under DDP; rank 0 writes
+        self.module.loop_state = {"phase": "done", "task": task, "results": self._results_for_checkpoint()}
+        final = folder / f"task_{task}.ckpt"
+        save_atomic(self.trainer, final)
         if self.trainer.is_global_zero:
-            final = folder / f"task_{task}.ckpt"
-            os.replace(tmp, final)
-            link_tmp = folder / ".last.ckpt.tmp"
-            if link_tmp.exists():
-                link_tmp.unlink()
-            os.link(final, link_tmp)
-            os.replace(link_tmp, folder / "last.ckpt")
+            link_atomic(final, folder / "last.ckpt")
 
     def _write(self) -> None:
         if self.trainer.is_global_zero:

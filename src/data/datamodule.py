@@ -32,6 +32,7 @@ class TaskSequenceDataModule(L.LightningDataModule):
         self.task_list = []
         self.current_task = 0
         self.train_tasks: list[int] = [0]
+        self.task_start_step = 0  # the trainer's global step when the current task started (set by the task loop)
         self.eval_split = "test"  # what `test_dataloader` serves: "test", or "val" (carved from train)
         self._norm_cache: dict = {}
 
@@ -94,9 +95,14 @@ class TaskSequenceDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self):
-        return self._loader(
+        loader = self._loader(
             "train", self.train_tasks, self.batch_size, shuffle=True, seed=self.seed * 1000 + self.current_task
         )
+        trainer = self.trainer
+        if trainer is not None:  # the next batch follows from the optimizer steps done in this task
+            start = self.task_start_step
+            loader.position_source = lambda: (trainer.global_step - start) * trainer.accumulate_grad_batches
+        return loader
 
     def test_dataloader(self):
         return self.eval_dataloaders(self.eval_split)

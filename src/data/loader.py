@@ -24,11 +24,17 @@ class TensorBatchLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        position_source=None,
     ):
         self.images, self.index, self.labels, self.task_ids = images, index, labels, task_ids
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
-        self.epoch = 0  # advanced at each pass, so that each epoch has its own reproducible order
+        # Training order is one endless stream of reproducible permutations, a pure function of the seed: the
+        # batch at position k is batch k % len of permutation k // len. `position_source()` tells where the next
+        # pass starts (the task loop derives it from the optimizer steps done in the task); without it each pass
+        # starts a new permutation. Neither depends on Lightning's epoch counter, iterators it creates and drops,
+        # or whether the run was resumed from a checkpoint in the middle of an epoch.
+        self.position_source, self.passes = position_source, 0
 
     def _shard_size(self) -> int:
         n = len(self.index)
@@ -41,19 +47,16 @@ class TensorBatchLoader:
 
     def __iter__(self):
         n = len(self.index)
+        skip = 0
         if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            position = self.position_source() if self.position_source is not None else self.passes * len(self)
+            permutation, skip = divmod(position, len(self))
+            self.passes = permutation + 1
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + permutation)
             order = torch.randperm(n, generator=generator)[: self._shard_size() * self.world_size]
-            self.epoch += 1
         else:
             order = torch.arange(n)
         order = order[self.rank :: self.world_size].to(self.index.device)
-        for start in range(0, len(order), self.batch_size):
+        for start in range(skip * self.batch_size, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             yield self.images[self.index[rows]], self.labels[rows], self.task_ids[rows]
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch = state["epoch"]

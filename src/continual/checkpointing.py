@@ -1,0 +1,67 @@
+"""Checkpoints that let a killed run continue exactly: atomic files, RNG states, and saves every N steps.
+
+The task loop's own progress (which task, which phase, the results so far) travels in the checkpoint through the
+module's `loop_state`; Lightning adds the model, optimizer and its loop counters; the regularizer adds its state.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+
+def capture_rng() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_atomic(trainer: L.Trainer, path: Path) -> None:
+    """`trainer.save_checkpoint` under a temporary name, then a rename: a crash never leaves half a checkpoint.
+    Collective under DDP (every rank calls it; rank 0 writes)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    trainer.save_checkpoint(tmp, weights_only=False)
+    if trainer.is_global_zero:
+        os.replace(tmp, path)
+    trainer.strategy.barrier("checkpoint")
+
+
+def link_atomic(target: Path, link: Path) -> None:
+    """Make `link` a hard link to `target` (e.g. last.ckpt → task_3.ckpt) without a moment where it is missing."""
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.exists():
+        tmp.unlink()
+    os.link(target, tmp)
+    os.replace(tmp, link)
+
+
+class StepCheckpoint(L.Callback):
+    """Save `last.ckpt` every `every_n_steps` optimizer steps, in the middle of tasks."""
+
+
+    def __init__(self, path: Path, every_n_steps: int):
+        self.path, self.every_n_steps = Path(path), every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Not on an epoch's last batch: Lightning (2.6) restores such a checkpoint one epoch too far on, so a
+        # resumed run would skip an epoch. The previous checkpoint (or the next one) serves instead.
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        if trainer.global_step % self.every_n_steps == 0:
+            pl_module.loop_state["phase"] = "training"
+            save_atomic(trainer, self.path)
