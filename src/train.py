@@ -24,7 +24,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.continual.module import ContinualModule
+from src.continual.module import ContinualModule, NonFiniteLossError
+from src.continual.results import write_text_atomic
 from src.continual.task_loop import ResumeError, TaskLoop
 from src.continual.validate import ConfigError, validate_config
 from src.data.download import DatasetError
@@ -86,7 +87,7 @@ def build_task_loop(cfg: DictConfig, run_dir: Path) -> TaskLoop:
     validate_config(cfg)
     is_main_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if is_main_process and not cfg.get("resume"):
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = instantiate(cfg.dataset, _recursive_=True)
     datamodule.setup()
@@ -126,6 +127,9 @@ def main(cfg: DictConfig) -> float | None:
     except (ConfigError, DatasetError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as err:  # results.json says failed and why; the last good checkpoint stays
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
     return results["val_avg_acc"] if results["val_avg_acc"] is not None else results["avg_acc"]
 
 

@@ -22,6 +22,7 @@ class SyntheticSource:
     def __init__(self, n_classes: int = 10, n_train: int = 100, n_test: int = 20, shape=(1, 8, 8), seed: int = 0,
                  root: str | None = None, **_):
         self.n_classes, self.n_train, self.n_test, self.shape, self.seed = n_classes, n_train, n_test, tuple(shape), seed
+        self.input_shape = self.shape
 
     def _make(self, per_class, generator):
         y = torch.arange(self.n_classes).repeat_interleave(per_class)
@@ -85,3 +86,30 @@ def build_loop(tmp_path: Path, *overrides: str):
 
 
 SYNTHETIC = ("dataset.source._target_=tests.helpers.SyntheticSource", "+dataset.source.n_train=100")
+
+
+class NaNAtTask:
+    """A method whose loss becomes NaN in task `task` (for the non-finite-loss test); usable from Hydra as
+    `method._target_=tests.helpers.NaNAtTask`."""
+
+    trains_on_past_tasks = False
+
+    def __init__(self, task: int = 2, **_):
+        self.task = task
+
+    def on_task_start(self, task, module, datamodule):
+        pass
+
+    def loss(self, module, batch, logits, task_loss):
+        if module.current_task == self.task and module.global_step % 3 == 2:
+            return {"loss": task_loss * float("nan")}
+        return {"loss": task_loss}
+
+    def on_task_end(self, task, module, datamodule):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass

@@ -60,7 +60,7 @@ class ContinualModule(L.LightningModule):
         terms = self.regularizer.loss(self, batch, logits, task_loss)
         if not torch.isfinite(terms["loss"]):
             raise NonFiniteLossError(
-                f"non-finite loss ({float(terms['loss'])}) in task {self.current_task} at step {self.global_step}; "
+                f"non-finite loss ({terms['loss'].detach().item()}) in task {self.current_task} at step {self.global_step}; "
                 "the last good checkpoint is kept (lower the learning rate or the method's strength?)"
             )
         if "task_loss" not in terms:

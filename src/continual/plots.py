@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -25,9 +26,17 @@ def plot_accuracy_matrix(R, path: Path, title: str = "") -> None:
     ax.set_yticks(range(R.shape[0]))
     ax.set_title(title or "accuracy (%)")
     fig.colorbar(image, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    """Atomically: a crash never leaves half an image."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
+    os.replace(tmp, path)
 
 
 def plot_average_accuracy(avg_per_step, path: Path, title: str = "") -> None:
@@ -40,6 +49,4 @@ def plot_average_accuracy(avg_per_step, path: Path, title: str = "") -> None:
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)

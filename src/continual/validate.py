@@ -1,10 +1,15 @@
-"""Checks of the composed config that run before any data are loaded or anything is built.
+"""Checks of the composed config that run before any data are loaded or anything is trained.
 
-Each failure is one line naming the key, the value and what is allowed.
+Each failure is one line naming the key, the value and what is allowed. Methods check their own keys in their
+constructors (cheap: nothing is built), and sources declare `n_classes` and `input_shape` without reading files, so
+splits and backbones are checked against the dataset before it is loaded.
 """
 
 from __future__ import annotations
 
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 
@@ -15,6 +20,26 @@ class ConfigError(ValueError):
 def _check(condition: bool, key: str, value, allowed: str) -> None:
     if not condition:
         raise ConfigError(f"{key}={value!r} is invalid: {allowed}")
+
+
+def _build(node, what: str, **kwargs):
+    """Instantiate a config node, turning the constructor's complaint into one ConfigError line."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise ConfigError(f"{what}: {str(cause).splitlines()[0]}") from None
+
+
+def _choice(group: str, fallback: str) -> str:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"{group}={HydraConfig.get().runtime.choices[group]}"
+    except Exception:
+        return fallback
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -29,13 +54,37 @@ def validate_config(cfg: DictConfig) -> None:
         _check(isinstance(data[key], int) and data[key] >= 1, f"dataset.{key}", data[key], "an integer >= 1")
     val = data.get("val_fraction", 0.0)
     _check(isinstance(val, (int, float)) and 0.0 <= val < 1.0, "dataset.val_fraction", val, "a number in [0, 1)")
-    tasks = data.tasks
-    _check(isinstance(tasks.n_tasks, int) and tasks.n_tasks >= 1, "dataset.tasks.n_tasks", tasks.n_tasks,
-           "an integer >= 1")
-    if "classes_per_task" in tasks:
-        _check(isinstance(tasks.classes_per_task, int) and tasks.classes_per_task >= 1,
-               "dataset.tasks.classes_per_task", tasks.classes_per_task, "an integer >= 1")
+    every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
+    _check(isinstance(every, int) and every >= 0, "checkpoint.every_n_steps", every, "an integer >= 0 (0: off)")
+
     scenario = cfg.scenario
     if "train_classes" in scenario:
         _check(scenario.train_classes in ("seen", "current"), "scenario.train_classes", scenario.train_classes,
                "one of seen, current")
+    _build(cfg.method, "method")  # methods validate their own keys (λ ≥ 0, 0 ≤ α ≤ 1, T > 0, …)
+
+    tasks = data.tasks
+    _check(isinstance(tasks.n_tasks, int) and tasks.n_tasks >= 1, "dataset.tasks.n_tasks", tasks.n_tasks,
+           "an integer >= 1")
+    source = _build(data.source, "dataset.source")
+    n_classes = getattr(source, "n_classes", None)
+    if "classes_per_task" in tasks:
+        cpt = tasks.classes_per_task
+        _check(isinstance(cpt, int) and cpt >= 1, "dataset.tasks.classes_per_task", cpt, "an integer >= 1")
+        if n_classes is not None:
+            _check(n_classes % cpt == 0, "dataset.tasks.classes_per_task", cpt,
+                   f"must divide the dataset's {n_classes} classes")
+            _check(tasks.n_tasks * cpt <= n_classes, "dataset.tasks.n_tasks", tasks.n_tasks,
+                   f"n_tasks × classes_per_task = {tasks.n_tasks * cpt} exceeds the dataset's {n_classes} classes")
+
+    input_shape = getattr(source, "input_shape", None)
+    if input_shape is not None:
+        backbone = _build(cfg.model, "model", input_shape=tuple(input_shape))
+        try:
+            with torch.no_grad():
+                backbone.eval()(torch.zeros(1, *input_shape))
+        except Exception as err:
+            raise ConfigError(
+                f"{_choice('model', 'model')} cannot take the input of {_choice('dataset', 'the dataset')} "
+                f"(shape {tuple(input_shape)}): {str(err).splitlines()[0]}"
+            ) from None

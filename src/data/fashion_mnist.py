@@ -58,6 +58,8 @@ def load_idx_files(
 class FashionMNIST:
     """Source of Fashion-MNIST tensors; configured by `conf/dataset/split_fmnist.yaml`."""
 
+    n_classes, input_shape = 10, (1, 28, 28)  # known before loading, for config checks
+
     def __init__(
         self,
         root: str,
