@@ -15,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from src.continual import metrics
+from src.continual import metrics, wandb_report
 from src.continual.checkpointing import StepCheckpoint, link_atomic, restore_rng, save_atomic
 from src.continual.module import ContinualModule
 from src.continual.plots import plot_accuracy_matrix, plot_average_accuracy
@@ -206,7 +206,10 @@ class TaskLoop:
         values["eval/avg_acc_seen"] = self.results["avg_acc_per_step"][-1]
         values["eval/tasks_trained"] = task + 1
         for logger in self.trainer.loggers:
-            logger.log_metrics(values, step=self.trainer.global_step)
+            if wandb_report.is_wandb(logger):  # against the task index, with forgetting, BWT, FWT, time so far
+                wandb_report.log_task_end(logger, self.results, step=self.trainer.global_step)
+            else:
+                logger.log_metrics(values, step=self.trainer.global_step)
 
     def _checkpoint(self, task: int) -> None:
         """`task_<t>.ckpt` after each task, and `last.ckpt` (a hard link to the newest checkpoint)."""
@@ -233,4 +236,6 @@ class TaskLoop:
         for logger in self.trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in final.items()}, step=self.trainer.global_step)
             logger.save()
+            if wandb_report.is_wandb(logger):  # the accuracy matrix as a table and a heatmap; closes the W&B run
+                wandb_report.log_final(logger, self.results, self.run_dir)
         print("\n" + format_table(self.results) + f"\nrun folder: {self.run_dir}\n", flush=True)
