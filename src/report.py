@@ -277,6 +277,7 @@ def _figure(groups: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(dict.fromkeys(map(_label, groups)))}
     datasets = list(dict.fromkeys(key[0] for key in groups))
     scenarios = list(dict.fromkeys(key[1] for key in groups))
     entries = max(sum(1 for key in groups if key[:2] == (d, s)) for d in datasets for s in scenarios)
@@ -291,7 +292,7 @@ def _figure(groups: dict):
                 panels.append((axes[i][j], keys))
             else:
                 axes[i][j].axis("off")
-    return plt, fig, panels
+    return plt, fig, panels, colors
 
 
 def _finish_panel(ax) -> None:
@@ -300,7 +301,7 @@ def _finish_panel(ax) -> None:
 
 
 def plot(groups: dict, out: Path) -> None:
-    plt, fig, panels = _figure(groups)
+    plt, fig, panels, colors = _figure(groups)
     for ax, keys in panels:
         longest = 0
         for key in keys:
@@ -310,10 +311,11 @@ def plot(groups: dict, out: Path) -> None:
             values = 100 * np.array([c[:length] for c in curves])
             steps = np.arange(1, length + 1)
             mean = values.mean(axis=0)
-            (line,) = ax.plot(steps, mean, marker="o", label=f"{_label(key)}, n={len(curves)}")
+            color = colors[_label(key)]
+            ax.plot(steps, mean, marker="o", color=color, label=f"{_label(key)}, n={len(curves)}")
             if len(curves) > 1:
                 std = values.std(axis=0, ddof=1)
-                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
+                ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
         ax.set_xticks(np.arange(1, longest + 1))
         ax.set_xlabel("tasks trained")
         ax.set_ylabel("average accuracy on tasks so far (%)")
@@ -324,7 +326,7 @@ def plot(groups: dict, out: Path) -> None:
     fig.savefig(out / "report_avg_acc.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    plt, fig, panels = _figure(groups)
+    plt, fig, panels, colors = _figure(groups)
     for ax, keys in panels:
         bar = 0.8 / len(keys)
         longest = 0
@@ -335,7 +337,8 @@ def plot(groups: dict, out: Path) -> None:
             values = 100 * np.array([r[:length] for r in rows])
             std = values.std(axis=0, ddof=1) if len(rows) > 1 else None
             x = np.arange(length) - 0.4 + bar * (i + 0.5)
-            ax.bar(x, values.mean(axis=0), bar, yerr=std, capsize=2, label=f"{_label(key)}, n={len(rows)}")
+            ax.bar(x, values.mean(axis=0), bar, yerr=std, capsize=2, color=colors[_label(key)],
+                   label=f"{_label(key)}, n={len(rows)}")
         ax.set_xticks(np.arange(longest))
         ax.set_xticklabels([f"T{j}" for j in range(longest)])
         ax.set_xlabel("task")

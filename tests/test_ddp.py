@@ -8,6 +8,7 @@ padding sampler would count a sample twice and change the accuracies."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import lightning as L
@@ -34,7 +35,8 @@ class RankState(L.Callback):
     def on_test_end(self, trainer, pl_module):
         self.folder.mkdir(parents=True, exist_ok=True)
         state = {"regularizer": pl_module.regularizer.state_dict(), "last_eval": list(pl_module.last_eval),
-                 "trained_up_to": pl_module.trained_up_to, "weights": pl_module.state_dict()}
+                 "trained_up_to": pl_module.trained_up_to, "weights": pl_module.state_dict(),
+                 "seed": os.environ.get("PL_GLOBAL_SEED"), "pid": os.getpid()}
         torch.save(state, self.folder / f"rank{trainer.global_rank}_{self.count:02d}.pt")
         self.count += 1
 
@@ -53,14 +55,14 @@ def _tensors(tree, path=""):
         yield path, tree
 
 
-MEASURED = ("seconds",)  # wall-clock measurements kept in a state: they differ between processes by nature
+PER_PROCESS = ("seconds", "pid")  # wall-clock measurements and process ids differ between processes by nature
 
 
 def assert_same(a, b, rtol: float = 0.0, atol: float = 0.0):
     left, right = list(_tensors(a)), list(_tensors(b))
     assert [p for p, _ in left] == [p for p, _ in right]
     for (path, x), (_, y) in zip(left, right, strict=True):
-        if path.rsplit(".", 1)[-1] in MEASURED:
+        if path.rsplit(".", 1)[-1] in PER_PROCESS:
             continue
         if isinstance(x, torch.Tensor):
             same = torch.equal(x, y) if rtol == atol == 0 else torch.allclose(x, y, rtol=rtol, atol=atol)
@@ -149,3 +151,27 @@ def test_only_rank_0_writes(tmp_path, monkeypatch):
     results = loop.run()
     assert results["status"] == "finished" and len(results["acc_matrix"]) == 2
     assert {p.name for p in loop.run_dir.iterdir()} == before
+
+
+def test_ddp_jobs_of_a_sequential_sweep(tmp_path):
+    """`-m` with DDP: Lightning re-runs the whole command in the second process, which walks the same jobs in the
+    same order; each job's two processes must hold the job's own config (seed) and the same state."""
+    import subprocess
+    import sys
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "src.train", "-m", f"hydra.sweep.dir={sweep}", "trainer=ddp", "trainer.devices=2",
+           "trainer.accelerator=cpu", "callbacks=none", "save_checkpoints=false", *PROTOCOL, "dataset.tasks.n_tasks=2",
+           "seed=0,1", "+callbacks.rank_state._target_=tests.test_ddp.RankState",
+           "+callbacks.rank_state.folder=${paths.output_dir}/ranks"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job, seed in (("0", 0), ("1", 1)):
+        assert read_results(sweep / job)["status"] == "finished"
+        dumps = sorted((sweep / job / "ranks").glob("*.pt"))
+        assert len(dumps) == 2 * 5  # init, then test and validation after each of 2 tasks, on 2 ranks
+        for rank0 in [d for d in dumps if d.name.startswith("rank0")]:
+            a = torch.load(rank0, weights_only=False)
+            b = torch.load(rank0.with_name(rank0.name.replace("rank0", "rank1")), weights_only=False)
+            assert a["seed"] == b["seed"] == str(seed) and a["pid"] != b["pid"]
+            assert_same(a, b)
