@@ -56,6 +56,8 @@ def make_model(name, shape=(1, 8, 8), n_outputs=6, seed=0):
     torch.manual_seed(seed)
     backbone = {"mlp": lambda: MLP(shape, hidden=(16, 12)),
                 "conv": lambda: ConvNet(shape, channels=(4, 6), batch_norm=True),
+                # a wide last layer on a 2×2 map: with several passes (`exact`) it takes the position-pairs path
+                "wideconv": lambda: ConvNet(shape, channels=(4, 64), batch_norm=True),
                 "odd": lambda: OddLayers(shape)}[name]()
     model = Net(backbone, n_outputs).double()
     with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters, so eval mode matters
@@ -83,7 +85,7 @@ def draw_labels(model, batches, output_fn, seed):
         model.eval()
         for batch in batches:
             outputs, _ = output_fn(model(batch[0]), batch)
-            drawn.append(torch.multinomial(F.log_softmax(outputs, 1).exp(), 1, generator=g).squeeze(1))
+            drawn.append(torch.multinomial(F.softmax(outputs, 1), 1, generator=g).squeeze(1))
     return drawn
 
 
@@ -140,7 +142,7 @@ def test_exact_fisher_of_linear_softmax_model_matches_closed_form():
 # ---- fast == slow -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("arch,view", [("mlp", task_view), ("conv", task_view), ("conv", class_view),
-                                       ("odd", task_view)])
+                                       ("wideconv", class_view), ("odd", task_view)])
 def test_fast_fisher_equals_per_sample_loop(arch, view, kind):
     model, batches = make_model(arch), make_batches()
     sampled = draw_labels(model, batches, view, seed=3) if kind == "sample" else None

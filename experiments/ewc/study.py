@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--fisher", default="exact")
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every run")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--matrices", action="store_true", help="also print the mean accuracy matrices")
     parser.add_argument("--out", default=str(ROOT / "outputs" / "ewc_study"))
     args = parser.parse_args()
 
@@ -70,6 +71,18 @@ def main() -> None:
 
             per_seed = ", ".join(f"{100 * r['avg_acc']:.2f}/{100 * r['forgetting']:.2f}" for r in runs)
             print(f"{scenario:<9}{name:<18}{cell('avg_acc'):>16}{cell('forgetting'):>16}{cell('bwt'):>16}   {per_seed}")
+    if args.matrices:
+        for scenario in args.scenarios:
+            for name in dict.fromkeys(name for (s, name, _) in results if s == scenario):
+                runs = [results[(scenario, name, seed)] for seed in args.seeds]
+                T = len(runs[0]["acc_matrix"])
+                print(f"\n{scenario}-incremental, {name}: accuracy (%) on task j (columns) after training task i (rows),"
+                      f" mean over seeds {args.seeds}")
+                print("| after \\ on | " + " | ".join(f"T{j}" for j in range(T)) + " |")
+                print("|---" * (T + 1) + "|")
+                for i in range(T):
+                    row = [statistics.mean(100 * r["acc_matrix"][i][j] for r in runs) for j in range(T)]
+                    print(f"| T{i} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ The loss while task t trains is
 
 Implementation: Σ_k F_k (θ − θ*_k)² is a quadratic in θ with the same minimiser for every step of a task, so the terms
 are consolidated once per task (in float64) into A = Σ_k F_k, centre m = Σ_k F_k θ*_k / A and a constant c, giving
-Σ_i A_i (θ_i − m_i)² + c: one fused, vectorised pass over one flat vector per step whatever the number of tasks.
+Σ_i A_i (θ_i − m_i)² + c: a few multi-tensor (`torch._foreach_*`) passes per step whatever the number of tasks, and
+no autograd graph (the gradient λ·A ⊙ (θ − m) is computed in the forward pass and handed back in the backward).
 
 State (Fisher, anchors, Fisher statistics) is in `state_dict`, so every checkpoint carries it. `fisher_stats` is a
 list with one dict per finished task: mean, max, the fraction of the Fisher's mass in its top 1% of weights, the
@@ -47,6 +48,7 @@ from src.methods.base import Regularizer
 from src.methods.fisher import KINDS, fisher_diagonal
 
 MODES = ("separate", "online")
+DEFAULT_LAMBDA = 1e4  # as conf/method/ewc.yaml: measured on Split Fashion-MNIST (experiments/ewc/README.md)
 
 
 class EWC(Regularizer):
@@ -67,7 +69,7 @@ class EWC(Regularizer):
             lam = kwargs.pop("lambda")
         if kwargs:
             raise ConfigError(f"method: unknown key(s) {', '.join(sorted(kwargs))} for EWC")
-        lam = 1.0 if lam is None else lam
+        lam = DEFAULT_LAMBDA if lam is None else lam
         _check(isinstance(lam, (int, float)) and lam >= 0, "method.lambda", lam, "a number >= 0")
         _check(mode in MODES, "method.mode", mode, f"one of {', '.join(MODES)}")
         _check(isinstance(gamma, (int, float)) and 0 <= gamma <= 1, "method.gamma", gamma, "a number in [0, 1]")
@@ -83,7 +85,8 @@ class EWC(Regularizer):
         # separate: one {"tasks", "fisher", "anchor"} per finished task; online: a single one, the running Fisher
         self.terms: list[dict] = []
         self.fisher_stats: list[dict] = []
-        self._quadratic = None  # (A, m, c) consolidated from `terms`, on the parameters' device
+        self._quadratic = None  # (A, m, c) consolidated from `terms`: flat A and m, the constant c
+        self._views = None  # ((device, λ), λ·A, m, scratch) as per-parameter tensors on the parameters' device
         self._params_cache = None
 
     # ---- the penalty, every training step ------------------------------------------------------------------------
@@ -91,8 +94,8 @@ class EWC(Regularizer):
         if self._quadratic is None:
             return {"loss": task_loss, "ewc_penalty": torch.zeros((), device=task_loss.device)}
         params = self._params(module)
-        precision, centre, const = self._on_device(params[0].device)
-        penalty = _QuadraticPenalty.apply(precision, centre, self.lam, const, *params)
+        scaled_precision, centre, scratch, const = self._on_device(params[0].device)
+        penalty = _QuadraticPenalty.apply(scaled_precision, centre, scratch, 0.5 * self.lam * const, *params)
         return {"loss": task_loss + penalty, "ewc_penalty": penalty.detach()}
 
     def penalty(self, module) -> torch.Tensor:
@@ -110,10 +113,17 @@ class EWC(Regularizer):
         return self._params_cache[1]
 
     def _on_device(self, device):
+        """(λ·A, m, scratch space for θ − m) as lists of per-parameter tensors on `device`, and c."""
         precision, centre, const = self._quadratic
-        if precision.device != device:
-            self._quadratic = (precision.to(device), centre.to(device), const)
-        return self._quadratic
+        if self._views is None or self._views[0] != (device, self.lam):
+            shapes = [self.terms[-1]["anchor"][n].shape for n in self.param_names]
+            sizes = [math.prod(s) for s in shapes]
+
+            def split(flat):
+                return [v.view(s) for v, s in zip(flat.to(device).split(sizes), shapes, strict=True)]
+
+            self._views = ((device, self.lam), split(self.lam * precision), split(centre), split(torch.empty_like(centre)))
+        return self._views[1], self._views[2], self._views[3], const
 
     # ---- the Fisher, at the end of every task ----------------------------------------------------------------------
     def on_task_end(self, task, module, datamodule):
@@ -156,6 +166,7 @@ class EWC(Regularizer):
         const = float(sum((f * (a - centre) ** 2).sum() for f, a in flat))
         dtype = self.terms[-1]["anchor"][self.param_names[0]].dtype
         self._quadratic = (precision.to(dtype), centre.to(dtype), const)
+        self._views = None
 
     def _log_stats(self, module) -> None:
         stats = self.fisher_stats[-1]
@@ -190,22 +201,28 @@ class EWC(Regularizer):
 
 
 class _QuadraticPenalty(torch.autograd.Function):
-    """(λ/2)·(Σ_i A_i (θ_i − m_i)² + c) over the concatenated parameters; backward: λ·A ⊙ (θ − m), no graph kept."""
+    """½·Σ_i (λA)_i (θ_i − m_i)² + offset, with λA and m given per parameter; backward: λA ⊙ (θ − m), no graph kept.
+
+    Multi-tensor (`torch._foreach_*`) kernels: a few passes over the parameters per step, whatever their number. The
+    gradient is computed in the forward pass and handed over once (a second backward through the same step raises)."""
 
     @staticmethod
-    def forward(ctx, precision, centre, lam, const, *params):
-        diff = torch.cat([p.detach().reshape(-1) for p in params]).sub_(centre)
-        weighted = precision * diff
-        ctx.save_for_backward(weighted)
-        ctx.lam, ctx.shapes = lam, [p.shape for p in params]
-        return (0.5 * lam) * (torch.dot(diff, weighted) + const)
+    def forward(ctx, scaled_precision, centre, scratch, offset, *params):
+        diff = scratch  # reused every step: a fresh 2 MB tensor costs more (allocation, page faults) than the math
+        for p, m, d in zip(params, centre, diff, strict=True):
+            torch.sub(p.detach(), m, out=d)
+        weighted = torch._foreach_mul(diff, scaled_precision)  # the gradient, λA ⊙ (θ − m): fresh, autograd keeps it
+        value = torch.stack([torch.dot(d.view(-1), w.view(-1)) for d, w in zip(diff, weighted, strict=True)]).sum()
+        ctx.gradient = weighted
+        return 0.5 * value + offset
 
     @staticmethod
     def backward(ctx, grad):
-        (weighted,) = ctx.saved_tensors
-        flat = weighted * (grad * ctx.lam)
-        grads = [g.view(shape) for g, shape in zip(flat.split([math.prod(s) for s in ctx.shapes]), ctx.shapes, strict=True)]
-        return (None, None, None, None, *grads)
+        gradient = ctx.gradient
+        del ctx.gradient
+        if grad.device.type != "cpu" or float(grad) != 1.0:  # scaled losses (mixed precision); 1 needs no pass
+            gradient = torch._foreach_mul(gradient, grad)
+        return (None, None, None, None, *gradient)
 
 
 def fisher_statistics(fisher: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -11,11 +11,13 @@ Information in continual learning", ICLR 2025 blog track):
 - ``sample``: one label drawn from p(·|x_i,θ) per input — an unbiased one-sample estimate of the same quantity;
 - ``empirical``: q_i = the data's own label — the "empirical Fisher".
 
-Every kind is a handful of backward passes per batch: pass k backpropagates Σ_i Σ_c V_ic · log p_ic for a weight matrix V
-(one-hot labels for ``sample``/``empirical``; √p_ic on class c only, for each active class c, for ``exact``), so that the
-per-sample gradient of pass k is √(weight) times the gradient of one log-probability and its square carries the weight.
-Only the *sum over samples of squared per-sample gradients* is needed, and it comes cheaply from each layer's input a_i
-and the gradient g_i at its output, both recorded by hooks:
+With z the active logits and J_i = ∂z_i/∂θ, ∂ log p(y|x_i)/∂θ = J_iᵀ(e_y − p_i), so every kind is a few backward
+passes per batch from the logits: pass k backpropagates Σ_i V_k,i · z_i and yields the per-sample gradients J_iᵀ V_k,i.
+``sample`` and ``empirical`` take one pass with V = e_y − p. ``exact`` needs E_y[(J_iᵀ(e_y − p_i))²] = diag(J_iᵀ H_i J_i)
+with H = diag(p) − ppᵀ, which has rank C − 1 and a closed-form Cholesky factor H = Σ_k u_k u_kᵀ (Tanabe & Sagae 1992:
+u_k = √(p_k s_{k+1}/s_k) e_k − √(p_k/(s_k s_{k+1})) · p_{>k}, s_k = Σ_{j≥k} p_j), so C − 1 passes, one for task-incremental
+heads of 2 classes. Only the *sum over samples of squared per-sample gradients* is needed, and it comes cheaply from each
+layer's input a_i and the gradient g_i at its output, both recorded by hooks:
 
 - ``nn.Linear`` (2-D input): Σ_i (g_i ⊙ g_i)(a_i ⊙ a_i)ᵀ is one matmul, (g²)ᵀ(a²); the bias gets Σ_i g_i². For ``exact``
   the g² of all passes are summed first, so it is still one matmul per batch. No per-sample tensor exists.
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("exact", "sample", "empirical")
-_CHUNK_ELEMENTS = 1 << 24  # per-sample conv gradients are built in chunks of at most this many numbers (64 MiB)
+_CHUNK_ELEMENTS = 1 << 19  # per-sample conv gradients are built in chunks of about this many numbers (2 MiB: cache-sized)
 
 
 def fisher_diagonal(
@@ -72,9 +74,13 @@ def fisher_diagonal(
         for batch in batches:
             recorder.start_batch()
             outputs, targets = output_fn(model(batch[0]), batch)
-            log_probs = F.log_softmax(outputs, dim=1)
-            for weights in _pass_weights(kind, log_probs.detach(), targets, generator):
-                recorder.backward(log_probs, weights)
+            if recorder.outputs_modified():  # an in-place op downstream: from now on hand the network copies
+                recorder.clone_outputs = True
+                recorder.start_batch()
+                outputs, targets = output_fn(model(batch[0]), batch)
+            recorder.passes = outputs.shape[1] - 1 if kind == "exact" else 1
+            for weights in _pass_weights(kind, outputs.detach(), targets, generator):
+                recorder.backward(outputs, weights)
                 recorder.fallback(output_fn, batch, weights)
             recorder.end_batch()
             n += len(outputs)
@@ -85,18 +91,22 @@ def fisher_diagonal(
     return {name: (sums[name] / n).to(p.dtype) for name, p in params.items()}, n
 
 
-def _pass_weights(kind: str, log_probs: torch.Tensor, targets: torch.Tensor, generator):
-    """The weight matrices V (batch × classes) of the backward passes: pass k backpropagates Σ V ⊙ log p."""
+def _pass_weights(kind: str, logits: torch.Tensor, targets: torch.Tensor, generator):
+    """The vectors V (batch × classes) that the backward passes start from at the logits (see the module docstring)."""
+    p = F.softmax(logits.double(), dim=1)
     if kind == "exact":
-        root_p = log_probs.mul(0.5).exp()
-        for c in range(log_probs.shape[1]):
-            weights = torch.zeros_like(log_probs)
-            weights[:, c] = root_p[:, c]
-            yield weights
+        tail = p.flip(1).cumsum(1).flip(1)  # s_k = Σ_{j≥k} p_j
+        tiny = torch.finfo(torch.float64).tiny
+        for k in range(p.shape[1] - 1):
+            s_k, s_next = tail[:, k].clamp_min(tiny), tail[:, k + 1].clamp_min(tiny)
+            u = torch.zeros_like(p)
+            u[:, k] = torch.sqrt(p[:, k] * s_next / s_k)
+            u[:, k + 1 :] = -p[:, k + 1 :] * torch.sqrt(p[:, k] / (s_k * s_next)).unsqueeze(1)
+            yield u.to(logits.dtype)
         return
     if kind == "sample":
-        targets = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(1)
-    yield F.one_hot(targets.long(), log_probs.shape[1]).to(log_probs.dtype)
+        targets = torch.multinomial(F.softmax(logits, dim=1), 1, generator=generator).squeeze(1)
+    yield (F.one_hot(targets.long(), p.shape[1]) - p).to(logits.dtype)
 
 
 # ---- which layers are covered, and how ------------------------------------------------------------------------------
@@ -133,6 +143,7 @@ class _Recorder:
         self.sums = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
         self.records: dict[str, list] = {}
         self.recording = False
+        self.clone_outputs = False  # set once an in-place op downstream of a recorded layer is seen
         self.handles = []
 
     def __enter__(self):
@@ -149,18 +160,25 @@ class _Recorder:
         def hook(module, inputs, output):
             if not self.recording:
                 return None
-            self.records.setdefault(module_name, []).append((inputs[0].detach(), inputs[0]._version, output))
-            # the rest of the network gets a copy, so that an in-place op downstream (ReLU(inplace=True), `+=`)
-            # cannot change the tensor whose gradient we ask for
-            return output.clone()
+            self.records.setdefault(module_name, []).append(
+                (inputs[0].detach(), inputs[0]._version, output, output._version))
+            # with `clone_outputs`, the rest of the network gets a copy, so that an in-place op downstream
+            # (ReLU(inplace=True), `+=`) cannot change the tensor whose gradient we ask for
+            return output.clone() if self.clone_outputs else None
 
         return hook
 
-    def start_batch(self) -> None:
-        self.records, self.recording, self.linear_g2 = {}, True, {}
+    def outputs_modified(self) -> bool:
+        """Whether an in-place op changed a recorded layer output after the layer (then: clone, and redo)."""
+        return any(rec[2]._version != rec[3] for recs in self.records.values() for rec in recs)
 
-    def backward(self, log_probs: torch.Tensor, weights: torch.Tensor) -> None:
-        """One backward pass of Σ weights ⊙ log_probs to every recorded layer output; accumulates the squares."""
+    def start_batch(self) -> None:
+        self.records, self.recording, self.batch_sums = {}, True, {}
+        self.linear_g2, self.conv_cols, self.conv_gg = {}, {}, {}  # per layer, shared by the passes of a batch
+        self.passes = 1
+
+    def backward(self, logits: torch.Tensor, weights: torch.Tensor) -> None:
+        """One backward pass of Σ weights ⊙ logits to every recorded layer output; accumulates the squares."""
         self.recording = False
         names = list(self.records)
         for name in names:
@@ -170,24 +188,37 @@ class _Recorder:
         if not names:
             return
         outputs = [self.records[name][0][2] for name in names]
-        grads = torch.autograd.grad(log_probs, outputs, grad_outputs=weights, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(logits, outputs, grad_outputs=weights, retain_graph=True, allow_unused=True)
         for name, g in zip(names, grads, strict=True):
             if g is None:
                 continue
             module, kind, local_names = self.layers[name]
-            a, version, _ = self.records[name][0]
+            a, version, _, _ = self.records[name][0]
             if a._version != version:
                 raise ValueError(f"the input of layer {name} was modified in place after the layer used it")
             getattr(self, f"_{kind}")(name, module, local_names, a, g.detach())
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        """Accumulate within a batch in the parameters' precision; `end_batch` adds the batch to the float64 sums."""
+        if name in self.batch_sums:
+            self.batch_sums[name] += value
+        else:
+            self.batch_sums[name] = value
 
     def end_batch(self) -> None:
         for name, (a, g2) in self.linear_g2.items():
             module, _, local_names = self.layers[name]
             if "weight" in local_names:
-                self.sums[local_names["weight"]] += (g2.T @ (a * a)).to(torch.float64)
+                self._add(local_names["weight"], g2.T @ (a * a))
             if "bias" in local_names:
-                self.sums[local_names["bias"]] += g2.sum(0).to(torch.float64)
-        self.records, self.linear_g2, self.recording = {}, {}, False
+                self._add(local_names["bias"], g2.sum(0))
+        for name, gg in self.conv_gg.items():
+            module, _, local_names = self.layers[name]
+            self._add(local_names["weight"], _position_pairs_sum(gg, self.conv_cols[name]).view_as(module.weight))
+        for name, value in self.batch_sums.items():
+            self.sums[name] += value
+        self.start_batch()
+        self.recording = False
 
     # ---- per layer type: add Σ_i (per-sample gradient)² to the sums ----
     def _linear(self, name, module, local_names, a, g):
@@ -199,32 +230,41 @@ class _Recorder:
         for s in _chunks(len(a), g.shape[-1] * a.shape[-1]):
             if "weight" in local_names:
                 per_sample = torch.einsum("bpo,bpi->boi", g[s], a[s])
-                self.sums[local_names["weight"]] += per_sample.square().sum(0).to(torch.float64)
+                self._add(local_names["weight"], per_sample.square().sum(0))
         if "bias" in local_names:
-            self.sums[local_names["bias"]] += g.sum(1).square().sum(0).to(torch.float64)
+            self._add(local_names["bias"], g.sum(1).square().sum(0))
 
     def _conv2d(self, name, module, local_names, a, g):
         if "weight" in local_names:
-            groups, batch = module.groups, len(a)
-            weight = module.weight
-            cols = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)  # (B, Cin·k, L)
-            cols = cols.view(batch, groups, -1, cols.shape[-1])
-            g_flat = g.reshape(batch, groups, -1, cols.shape[-1])  # (B, G, Cout/G, L)
-            for s in _chunks(batch, weight.numel()):
-                per_sample = torch.matmul(g_flat[s], cols[s].transpose(-1, -2))  # (b, G, Cout/G, Cin/G·k)
-                self.sums[local_names["weight"]] += per_sample.square().sum(0).reshape(weight.shape).to(torch.float64)
+            groups, batch, weight = module.groups, len(a), module.weight
+            if name not in self.conv_cols:  # unfold once per batch, for all passes: (B, Cin·k, L)
+                self.conv_cols[name] = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
+            cols = self.conv_cols[name]
+            positions, out_channels = cols.shape[-1], g.shape[1]
+            if groups == 1 and 18 * positions * (positions + 1) // 2 < self.passes * out_channels:
+                # small feature map and several passes: sum the passes' position-pair products, one matmul per batch
+                first, second = _pairs(positions, g.device)
+                g = g.reshape(batch, out_channels, positions)
+                gg = g[:, :, first] * g[:, :, second]
+                self.conv_gg[name] = self.conv_gg[name] + gg if name in self.conv_gg else gg
+            else:
+                cols = cols.view(batch, groups, -1, positions)
+                g_flat = g.reshape(batch, groups, -1, positions)  # (B, G, Cout/G, L)
+                for s in _chunks(batch, weight.numel()):  # cache-sized chunks: build, square and sum while hot
+                    per_sample = torch.matmul(g_flat[s], cols[s].transpose(-1, -2))  # (b, G, Cout/G, Cin/G·k)
+                    self._add(local_names["weight"], per_sample.square_().sum(0).reshape(weight.shape))
         if "bias" in local_names:
-            self.sums[local_names["bias"]] += g.flatten(2).sum(2).square().sum(0).to(torch.float64)
+            self._add(local_names["bias"], g.flatten(2).sum(2).square().sum(0))
 
     def _batchnorm(self, name, module, local_names, a, g):
-        shape = (1, -1) + (1,) * (a.dim() - 2)
+        # per sample: ∂β = Σ_positions g, ∂γ = Σ_positions g ⊙ (a − μ)/σ = (Σ g ⊙ a − μ ∂β)/σ (running μ, σ)
+        g_sum = g.flatten(2).sum(2) if a.dim() > 2 else g
         if "weight" in local_names:
-            x_hat = (a - module.running_mean.view(shape)) * torch.rsqrt(module.running_var.view(shape) + module.eps)
-            per_sample = (g * x_hat).flatten(2).sum(2) if a.dim() > 2 else g * x_hat
-            self.sums[local_names["weight"]] += per_sample.square().sum(0).to(torch.float64)
+            ga = torch.einsum("bcp,bcp->bc", g.flatten(2), a.flatten(2)) if a.dim() > 2 else g * a
+            per_sample = (ga - module.running_mean * g_sum) * torch.rsqrt(module.running_var + module.eps)
+            self._add(local_names["weight"], per_sample.square().sum(0))
         if "bias" in local_names:
-            per_sample = g.flatten(2).sum(2) if a.dim() > 2 else g
-            self.sums[local_names["bias"]] += per_sample.square().sum(0).to(torch.float64)
+            self._add(local_names["bias"], g_sum.square().sum(0))
 
     # ---- the generic fallback ----
     def fallback(self, output_fn, batch, weights) -> None:
@@ -241,14 +281,37 @@ class _Recorder:
             one = tuple(t.unsqueeze(0) for t in sample[:-1])
             logits = functional_call(self.model, dict(zip(names, values, strict=True)), (one[0],))
             outputs, _ = output_fn(logits, one)
-            return (F.log_softmax(outputs, dim=1)[0] * sample[-1]).sum()
+            return (outputs[0] * sample[-1]).sum()
 
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         values = tuple(detached[name] for name in names)
         with torch.no_grad():  # torch.func.grad still differentiates inside; no graph to the other parameters
             per_sample = vmap(grad(objective), in_dims=(None,) + (0,) * (len(batch) + 1))(values, *batch, weights)
         for name, g in zip(names, per_sample, strict=True):
-            self.sums[name] += g.square().sum(0).to(torch.float64)
+            self._add(name, g.square().sum(0))
+
+
+def _pairs(positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The position pairs l ≤ l' of a feature map with `positions` positions."""
+    first, second = torch.triu_indices(positions, positions, device=device)
+    return first, second
+
+
+def _position_pairs_sum(gg: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Σ_i (per-sample conv weight gradient)², from Σ_passes g_il g_il' (gg: B × Cout × pairs) and the unfolded input.
+
+    A per-sample gradient is Σ_l g_il u_ilᵀ over positions l, so its square is Σ_{l,l'} (g_il g_il')(u_il u_il')ᵀ: over
+    samples and pairs l ≤ l' (the others twice) one matmul (Cout × B·pairs) @ (B·pairs × Cin·k), and the passes of the
+    `exact` kind add up in gg before it, as for a Linear layer (which is the case of one position).
+    """
+    positions = cols.shape[-1]
+    first, second = _pairs(positions, cols.device)
+    gg = gg * torch.where(first == second, 1.0, 2.0).to(gg.dtype)
+    total = 0
+    for s in _chunks(len(gg), len(first) * (gg.shape[1] + cols.shape[1])):
+        uu = cols[s][:, :, first] * cols[s][:, :, second]  # (b, Cin·k, pairs)
+        total = total + gg[s].permute(1, 0, 2).reshape(gg.shape[1], -1) @ uu.permute(0, 2, 1).reshape(-1, cols.shape[1])
+    return total
 
 
 def _chunks(batch: int, per_sample_elements: int):
