@@ -93,8 +93,9 @@ def _flatten(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else tree}
 
 
-def _dataset_name(folder: Path, config: dict) -> str:
-    """The dataset's config choice (`dataset=split_fmnist`) from Hydra's record of the run, else its source class."""
+def _dataset_name(folder: Path, config: dict, scenario: str) -> str:
+    """The dataset's config choice (`dataset=split_fmnist`): from Hydra's record of the run, else from the run's
+    default `name` (`<method>-<dataset>-<scenario>`), else the dataset's source class."""
     hydra_file = folder / ".hydra" / "hydra.yaml"
     if hydra_file.is_file():
         import yaml
@@ -105,6 +106,9 @@ def _dataset_name(folder: Path, config: dict) -> str:
                 return str(choices["dataset"])
         except (yaml.YAMLError, KeyError, TypeError):
             pass
+    parts = str(config.get("name", "")).split("-")
+    if len(parts) >= 3 and parts[-1] == scenario:
+        return "-".join(parts[1:-1])
     target = (config.get("dataset") or {}).get("source", {}).get("_target_", "?")
     return target.rsplit(".", 1)[-1]
 
@@ -117,7 +121,7 @@ def read_run(folder: Path) -> Run:
         results = json.loads(file.read_text())
         config = results["config"]
         run = Run(folder, results.get("status", "?"), results.get("error"), results, results["method"],
-                  _dataset_name(folder, config), results["scenario"], config.get("seed"), _flatten(config))
+                  _dataset_name(folder, config, results["scenario"]), results["scenario"], config.get("seed"), _flatten(config))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return Run(folder, "unreadable", f"results.json: {type(err).__name__}: {err}")
     if run.finished:
@@ -277,7 +281,9 @@ def _figure(groups: dict):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {label: plt.cm.tab10(i % 10) for i, label in enumerate(dict.fromkeys(map(_label, groups)))}
+    # one colour and marker per method (+ hyperparameters) across panels; markers tell apart lines that overlap
+    colors = {label: (plt.cm.tab10(i % 10), "osD^vP*X"[i % 8])
+              for i, label in enumerate(dict.fromkeys(map(_label, groups)))}
     datasets = list(dict.fromkeys(key[0] for key in groups))
     scenarios = list(dict.fromkeys(key[1] for key in groups))
     entries = max(sum(1 for key in groups if key[:2] == (d, s)) for d in datasets for s in scenarios)
@@ -311,8 +317,9 @@ def plot(groups: dict, out: Path) -> None:
             values = 100 * np.array([c[:length] for c in curves])
             steps = np.arange(1, length + 1)
             mean = values.mean(axis=0)
-            color = colors[_label(key)]
-            ax.plot(steps, mean, marker="o", color=color, label=f"{_label(key)}, n={len(curves)}")
+            color, marker = colors[_label(key)]
+            ax.plot(steps, mean, marker=marker, markersize=7, markerfacecolor="none", color=color, alpha=0.9,
+                    label=f"{_label(key)}, n={len(curves)}")
             if len(curves) > 1:
                 std = values.std(axis=0, ddof=1)
                 ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.2, linewidth=0)
@@ -337,7 +344,7 @@ def plot(groups: dict, out: Path) -> None:
             values = 100 * np.array([r[:length] for r in rows])
             std = values.std(axis=0, ddof=1) if len(rows) > 1 else None
             x = np.arange(length) - 0.4 + bar * (i + 0.5)
-            ax.bar(x, values.mean(axis=0), bar, yerr=std, capsize=2, color=colors[_label(key)],
+            ax.bar(x, values.mean(axis=0), bar, yerr=std, capsize=2, color=colors[_label(key)][0],
                    label=f"{_label(key)}, n={len(rows)}")
         ax.set_xticks(np.arange(longest))
         ax.set_xticklabels([f"T{j}" for j in range(longest)])
