@@ -23,11 +23,13 @@ class TaskSequenceDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         seed: int = 0,
         data_on_device: bool = False,
+        augment=None,
     ):
         super().__init__()
         self.source, self.tasks = source, tasks
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.seed, self.data_on_device = val_fraction, seed, data_on_device
+        self.augment = augment  # e.g. src.data.augment.RandomCropFlip: uint8 batches, training only
         self.data: ImageData | None = None
         self.task_list = []
         self.current_task = 0
@@ -136,6 +138,8 @@ class TaskSequenceDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 → normalised float in one fused pass on the training device, then the task's own transform."""
         x, y, task_ids = batch
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            x = self.augment(x)
         key = (x.device, x.shape[1])
         if key not in self._norm_cache:
             std = torch.tensor(self.data.std, device=x.device).view(1, -1, 1, 1)

@@ -83,3 +83,27 @@ def find_or_download(
     except DatasetError:
         os.remove(target)
         raise
+
+
+def md5_file(path: Path, chunk_size: int = 1 << 20) -> str:
+    """md5 of a whole file, read in chunks (archives such as CIFAR's are too big to hash in one read)."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(chunk_size), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_md5(path: Path, expected: str | None) -> Path:
+    """Return `path` if its md5 is `expected` (None: no check), else raise a one-line DatasetError.
+
+    For files whose official checksum is of the file itself (the MNIST .gz files, the CIFAR archives); a truncated
+    download fails here.
+    """
+    if expected is not None:
+        actual = md5_file(path)
+        if actual != expected.lower():
+            raise DatasetError(
+                f"{path}: checksum mismatch (md5 {actual}, expected {expected}; truncated or corrupt download?)"
+            )
+    return path
