@@ -51,12 +51,13 @@ def test_van_de_ven_conv_net_flattens_256x2x2_into_two_2000_unit_layers():
 def test_default_convnet_is_unchanged():
     net = ConvNet((1, 28, 28))
     assert all(k.startswith("net.") for k in net.state_dict()) and net.out_features == 128 and len(net.fc) == 0
+    assert ConvNet((1, 8, 8))(torch.zeros(2, 1, 8, 8)).shape == (2, 128)  # small maps shrink to 1×1, as before
 
 
 @pytest.mark.parametrize(("build", "message"), [
     (lambda: ResNet((3, 4, 4)), "too small"),
     (lambda: ResNet((784,)), "needs images"),
-    (lambda: ConvNet((1, 4, 4), channels=(8, 8, 8, 8)), "too small"),
+    (lambda: ConvNet((784,)), "needs images"),
     (lambda: ConvNet((1, 28, 28), channels=(8, 8), strides=(2,)), "one stride per layer"),
     (lambda: ConvNet((1, 28, 28), pooling="max"), "pooling"),
     (lambda: build_backbone((1, 8, 8), "src.models.nope.Nope"), "cannot be imported"),

@@ -125,7 +125,6 @@ class ClassSplit:
         }
 
 
-
 class SameClassesEveryTask:
     """Base of the domain-incremental constructions: every task holds every image, with the source's labels.
 

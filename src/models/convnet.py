@@ -35,12 +35,7 @@ class ConvNet(nn.Module):
         if pooling not in ("avg", "flatten"):
             raise ConfigError(f"model.pooling={pooling!r} is invalid: avg (global average) or flatten")
         in_ch, (h, w), layers = input_shape[0], input_shape[1:], []
-        for out_ch, stride in zip(channels, strides, strict=True):
-            if min(h, w) < stride:
-                raise ConfigError(
-                    f"model=convnet: input {tuple(input_shape)} is too small for {len(channels)} conv layers with strides "
-                    f"{list(strides)} (a {h}×{w} map reaches a stride-{stride} layer)"
-                )
+        for out_ch, stride in zip(channels, strides, strict=True):  # padding 1: small maps shrink to 1×1, no less
             layers += [nn.Conv2d(in_ch, out_ch, 3, stride=stride, padding=1, bias=not batch_norm)]
             if batch_norm:
                 layers.append(nn.BatchNorm2d(out_ch))
