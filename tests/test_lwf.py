@@ -2,6 +2,7 @@
 data, checkpoints, the weightings, the warm-up, the real entry point, and less forgetting than finetune."""
 
 import csv
+import os
 import statistics
 
 import lightning as L
@@ -196,7 +197,8 @@ class TeacherProbe(L.Callback):
         self.checked = True
 
 
-@pytest.mark.parametrize("model", [("model.dropout=0.5",), ("model=convnet",)], ids=["mlp-dropout", "convnet-bn"])
+@pytest.mark.parametrize("model", [("model.dropout=0.5",), ("model=convnet", "model.channels=[8,16]")],
+                         ids=["mlp-dropout", "convnet-bn"])
 def test_teacher_stays_bit_identical_frozen_and_in_eval_mode(tmp_path, model):
     loop = build_loop(tmp_path, *SYNTHETIC, *model, "method=lwf", "dataset.tasks.n_tasks=2", "trainer.max_steps=6",
                       "save_checkpoints=false", "trainer.log_every_n_steps=1")
@@ -300,7 +302,8 @@ class WarmupProbe(L.Callback):
 @pytest.mark.parametrize("scenario", ["task", "class"])
 def test_warmup_trains_only_the_new_head(tmp_path, scenario):
     loop = build_loop(tmp_path, *SYNTHETIC, "method=lwf", f"scenario={scenario}", "method.warmup_epochs=3",
-                      "dataset.tasks.n_tasks=2", "trainer.max_steps=3", "save_checkpoints=false", "model=convnet")
+                      "dataset.tasks.n_tasks=2", "trainer.max_steps=3", "save_checkpoints=false", "model=convnet",
+                      "model.channels=[8,16]")
     probe = WarmupProbe()
     loop.trainer.callbacks.append(probe)
     loop.run()
@@ -336,7 +339,9 @@ def test_teacher_snapshot_is_independent_of_the_student():
 @pytest.mark.parametrize("scenario", ["task", "class"])
 def test_train_entry_point_with_lwf(tmp_path, scenario):
     run_dir = tmp_path / "run"
-    run_train(run_dir, "method=lwf", f"scenario={scenario}", "trainer.max_steps=5", "trainer.log_every_n_steps=1")
+    one_thread = {**os.environ, "OMP_NUM_THREADS": "1"}  # steadier than two oversubscribed threads on a shared CPU
+    run_train(run_dir, "method=lwf", f"scenario={scenario}", "trainer.max_steps=5", "trainer.log_every_n_steps=1",
+              env=one_thread)
     results = read_results(run_dir)
     assert results["status"] == "finished" and results["method"] == "lwf" and results["scenario"] == scenario
     assert results["steps_per_task"] == [5] * 5

@@ -268,4 +268,4 @@ class LwF(Regularizer):
             head.weight[rows] = weight
             head.bias[rows] = bias
         log.info("LwF warm-up of task %d's head: %d epoch(s), last cross-entropy %.4f", task, self.warmup_epochs,
-                 float(loss))
+                 float(loss.detach()))
