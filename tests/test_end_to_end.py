@@ -8,7 +8,7 @@ pytestmark = pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="dataset-
 
 
 @pytest.mark.parametrize("scenario", ["task", "class", "domain"])
-@pytest.mark.parametrize("method", ["finetune", "joint"])
+@pytest.mark.parametrize("method", ["finetune", "joint", "ewc", "lwf"])
 def test_short_run_fills_the_run_folder(tmp_path, method, scenario):
     run_dir = tmp_path / "run"
     proc = run_train(run_dir, f"method={method}", f"scenario={scenario}", "trainer.max_steps=5",

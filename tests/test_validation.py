@@ -23,7 +23,7 @@ BAD = [
     (["dataset.val_fraction=1.0"], "dataset.val_fraction=1.0"),
     (["checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps=-1"),
     (["scenario=class", "scenario.train_classes=new"], "scenario.train_classes='new'"),
-    ([*SYNTHETIC, "model=convnet", "+dataset.source.shape=[64]"], "cannot take the input"),
+    ([*SYNTHETIC, "model=convnet", "+dataset.source.shape=[64]"], "model=convnet"),
 ]
 
 
