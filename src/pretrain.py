@@ -6,8 +6,8 @@
 
 The dataset config is the same as for training (source, batch size, augmentation, normalisation); its task split
 is ignored: the model learns every class of the training set at once. `trainer.max_epochs` sets the length, or
-`trainer.max_steps` when > 0. The checkpoint (`checkpoint=`, by default pretrained/<model>-<dataset>.pt) holds the trunk's and
-the backbone's weights, the architecture and the input shape; the test accuracy is printed.
+`trainer.max_steps` when > 0. The checkpoint (`checkpoint=`, by default pretrained/<model>-<dataset>.pt) holds the
+trunk's and the backbone's weights, the architecture and the input shape; the test accuracy is printed.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +31,6 @@ from src.data.tasks import ClassSplit
 from src.methods.finetune import Finetune
 from src.models.pretrained import save_trunk
 
-log = logging.getLogger("src.pretrain")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*is not a `torch.utils.data.DataLoader`.*")
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
@@ -77,7 +77,11 @@ def pretrain(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float:
     try:
         out = pretrain(cfg)
-    except (ConfigError, DatasetError) as err:
+    except (ConfigError, DatasetError, InstantiationException) as err:
+        if isinstance(err, InstantiationException):  # a constructor's own one-line complaint (e.g. a shape check)
+            if not isinstance(err.__cause__, (ConfigError, DatasetError)):
+                raise
+            err = err.__cause__
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     print(f"\npre-trained {cfg.model.architecture} for {out['steps']} steps: test accuracy {100 * out['test_acc']:.2f}%"

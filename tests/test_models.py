@@ -68,9 +68,11 @@ def test_a_mismatch_fails_with_one_clear_line(build, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_cli_mismatch_is_one_line(tmp_path):
+@pytest.mark.parametrize("entry", ["src.train", "src.pretrain"])
+def test_cli_mismatch_is_one_line(tmp_path, entry):
+    extra = ["callbacks=none", "logger=none"] if entry == "src.train" else [f"checkpoint={tmp_path}/x.pt"]
     proc = subprocess.run(
-        [sys.executable, "-m", "src.train", f"hydra.run.dir={tmp_path}", "callbacks=none", "logger=none",
+        [sys.executable, "-m", entry, f"hydra.run.dir={tmp_path}", *extra, "dataset=split_fmnist",
          "model=resnet18_reduced", *SYNTHETIC, "+dataset.source.shape=[1,4,4]"],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
