@@ -294,7 +294,7 @@ def test_split_mnist_preset_runs_with_ewc_on_official_format_files(tmp_path):
     files = mnist_files()
     folder = write(tmp_path / "data" / "mnist", files)
     checksums = ",".join(f"{name}:{md5(data)}" for name, data in files.items())
-    loop = build_loop(tmp_path, "experiment=vdv2022_split_mnist_ewc", "scenario=class", "trainer.max_steps=2",
+    loop = build_loop(tmp_path, "experiment=vdv2022_split_mnist_ewc", "method=ewc", "scenario=class", "trainer.max_steps=2",
                       f"paths.data_dir={folder.parent}", "dataset.source.url=null", f"+dataset.source.md5={{{checksums}}}",
                       "save_checkpoints=false")
     assert loop.module.regularizer.lam == 1e9 and loop.dm.n_tasks == 5
