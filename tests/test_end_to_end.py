@@ -52,3 +52,12 @@ def test_hydra_help_and_config_dump():
     job = subprocess.run([sys.executable, "-m", "src.train", "--cfg", "job", "method=joint"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "_target_: src.methods.joint.Joint" in job and "seed: 0" in job
+
+
+def test_permutations_are_saved_so_the_run_can_be_reproduced(tmp_path):
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "dataset=permuted_fmnist", "scenario=domain", "trainer.max_steps=2", "logger=none",
+              "save_checkpoints=false", "dataset.tasks.n_tasks=3")
+    tasks = read_results(run_dir)["tasks"]
+    assert tasks["type"] == "Permutations" and len(tasks["permutations"]) == 3
+    assert all(sorted(p) == list(range(784)) for p in tasks["permutations"])

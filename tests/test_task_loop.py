@@ -86,6 +86,7 @@ def test_results_file_schema_and_checkpoints(tmp_path):
     assert len(R) == 5 and all(len(row) == 5 and all(0.0 <= a <= 1.0 for a in row) for row in R)
     assert len(results["random_init_acc"]) == 5 and len(results["task_times_s"]) == 5
     assert results["config"]["trainer"]["max_steps"] == 3
+    assert results["tasks"]["type"] == "ClassSplit" and results["tasks"]["class_order"] == list(range(10))
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {f"task_{t}.ckpt" for t in range(5)} | {"last.ckpt"}
     ckpt = torch.load(run_dir / "checkpoints" / "task_2.ckpt", weights_only=False)
     assert ckpt["continual"]["phase"] == "done" and ckpt["continual"]["task"] == 2

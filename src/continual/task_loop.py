@@ -58,6 +58,8 @@ class TaskLoop:
             "scenario": module.scenario.name,
             "n_tasks": datamodule.n_tasks,
             "task_classes": datamodule.task_classes(),
+            # what defines the tasks (class order, permutations, angles), so a run can be reproduced exactly
+            "tasks": datamodule.tasks.describe(datamodule.input_shape),
             "random_init_acc": None,
             "acc_matrix": [],
             "val_acc_matrix": [] if datamodule.has_validation() else None,
