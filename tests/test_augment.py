@@ -76,7 +76,7 @@ def test_applied_to_training_batches_only():
     dm.trainer = SimpleNamespace(training=False, global_rank=0, world_size=1)  # evaluation, a Fisher pass after fit, ...
     assert torch.equal(dm.on_after_batch_transfer(batch, 0)[0], plain)
     assert all(torch.equal(b[0], p[0]) for b, p in zip(dm.task_batches(0), make_dm(None).task_batches(0), strict=True))
-    dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1)
+    dm.trainer = SimpleNamespace(training=True, global_rank=0, world_size=1, global_step=0)
     augmented = dm.on_after_batch_transfer(batch, 0)[0]
     assert augmented.shape == plain.shape and not torch.equal(augmented, plain)
 

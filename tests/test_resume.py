@@ -147,3 +147,8 @@ def test_resume_refuses_a_folder_that_is_not_a_run_or_another_config(tmp_path):
                      f"resume={run_dir}", check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and "seed=0" in last and "seed=5" in last
+
+
+def test_resume_with_training_augmentation_is_exact(tmp_path):
+    augment = ("+dataset.augment._target_=src.data.augment.RandomCropFlip", "+dataset.augment.padding=1")
+    crash_and_resume(tmp_path, ["trainer.max_steps=7", *augment], CrashAtStep(17))

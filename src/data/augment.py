@@ -40,6 +40,11 @@ class RandomCropFlip:
         channel = torch.arange(c, device=x.device)[None, :, None, None]
         return padded[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
+    def reseed(self, seed: int) -> None:
+        """Restart the draws from `seed`: the DataModule reseeds at every training step from (seed, task, step),
+        so the augmentation of a resumed run matches an uninterrupted one without saving generator state."""
+        self.generator.manual_seed(seed)
+
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state()}
 

@@ -139,6 +139,9 @@ class TaskSequenceDataModule(L.LightningDataModule):
         """uint8 → normalised float in one fused pass on the training device, then the task's own transform."""
         x, y, task_ids = batch
         if self.augment is not None and self.trainer is not None and self.trainer.training:
+            # the draws of a training step depend only on (seed, task, step in the task), as the batch order does
+            step = self.trainer.global_step - self.task_start_step
+            self.augment.reseed(hash((self.augment.seed, self.current_task, step)) % 2**62)
             x = self.augment(x)
         key = (x.device, x.shape[1])
         if key not in self._norm_cache:
