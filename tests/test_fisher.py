@@ -56,8 +56,8 @@ def make_model(name, shape=(1, 8, 8), n_outputs=6, seed=0):
     torch.manual_seed(seed)
     backbone = {"mlp": lambda: MLP(shape, hidden=(16, 12)),
                 "conv": lambda: ConvNet(shape, channels=(4, 6), batch_norm=True),
-                # a wide last layer on a 2×2 map: with several passes (`exact`) it takes the position-pairs path
-                "wideconv": lambda: ConvNet(shape, channels=(4, 64), batch_norm=True),
+                # a wide last layer on a 2×2 map: it takes the position-pairs path of the conv Fisher
+                "wideconv": lambda: ConvNet(shape, channels=(16, 128), batch_norm=True),
                 "odd": lambda: OddLayers(shape)}[name]()
     model = Net(backbone, n_outputs).double()
     with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters, so eval mode matters

@@ -1,7 +1,7 @@
 """What EWC costs: the Fisher over one task's training set, and the penalty per training step.
 
     OMP_NUM_THREADS=1 python experiments/benchmarks/bench_fisher.py                 # MLP and conv net, writes RESULTS.md
-    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_fisher.py --models mlp --no-write
+    OMP_NUM_THREADS=1 python experiments/benchmarks/bench_fisher.py --models mlp --no-write [hydra overrides]
 
 For each model (`model=mlp`, `model=convnet`, built from the real config, task-incremental heads) on task 0 of Split
 Fashion-MNIST with `dataset.val_fraction=0` (12,000 training images), in one process:
@@ -24,6 +24,7 @@ The machine is shared, so every number is the best of `--repeats` runs and the r
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 import sys
@@ -114,7 +115,7 @@ def vmap_grad(module, batches, view) -> None:
 
 
 def bench_model(name: str, args, tmp: Path) -> dict:
-    overrides = [*MODELS[name], "dataset.val_fraction=0", "+trainer.enable_progress_bar=false"]
+    overrides = [*MODELS[name], "dataset.val_fraction=0", "+trainer.enable_progress_bar=false", *args.overrides]
     loop = build_loop(tmp / name, *overrides, "method=ewc", "method.mode=separate")
     finetune_loop = build_loop(tmp / f"{name}_ft", *overrides, "method=finetune")
     module, dm = loop.module, loop.dm
@@ -181,11 +182,21 @@ def bench_model(name: str, args, tmp: Path) -> dict:
     return out
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def report(rows: list[dict], args) -> str:
     lines = [
         f"Command: `OMP_NUM_THREADS={torch.get_num_threads()} python experiments/benchmarks/bench_fisher.py"
         f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`",
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"Machine: {_cpu_name()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s); best of {args.repeats} for each time; one run, so the ratios compare "
         "like with like.",
         "",
@@ -229,6 +240,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--step-batches", type=int, default=20)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--output", default=str(ROOT / "experiments" / "ewc" / "RESULTS.md"))
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for both models, e.g. dataset.source.system_dir=…")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +252,7 @@ def main() -> None:
     text = report(rows, args)
     print(text)
     if not args.no_write:
-        path = ROOT / "experiments" / "ewc" / "RESULTS.md"
+        path = Path(args.output)
         path.write_text("# Fisher and penalty cost (experiments/benchmarks/bench_fisher.py)\n\n" + text + "\n")
         print(f"written to {path}")
 

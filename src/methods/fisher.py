@@ -45,7 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 KINDS = ("exact", "sample", "empirical")
-_CHUNK_ELEMENTS = 1 << 19  # per-sample conv gradients are built in chunks of about this many numbers (2 MiB: cache-sized)
+# per-sample gradients are built in chunks of about this many numbers: cache-sized on a CPU (2 MiB), few large kernel
+# launches on an accelerator (128 MiB)
+_CPU_CHUNK, _ACCELERATOR_CHUNK = 1 << 19, 1 << 25
 
 
 def fisher_diagonal(
@@ -227,7 +229,7 @@ class _Recorder:
             self.linear_g2[name] = (a, g2 + g * g)
             return
         a, g = a.flatten(1, -2), g.flatten(1, -2)  # (B, positions, features): a per-sample sum over positions
-        for s in _chunks(len(a), g.shape[-1] * a.shape[-1]):
+        for s in _chunks(len(a), g.shape[-1] * a.shape[-1], a.device):
             if "weight" in local_names:
                 per_sample = torch.einsum("bpo,bpi->boi", g[s], a[s])
                 self._add(local_names["weight"], per_sample.square().sum(0))
@@ -240,17 +242,18 @@ class _Recorder:
             if name not in self.conv_cols:  # unfold once per batch, for all passes: (B, Cin·k, L)
                 self.conv_cols[name] = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
             cols = self.conv_cols[name]
-            positions, out_channels = cols.shape[-1], g.shape[1]
-            if groups == 1 and 18 * positions * (positions + 1) // 2 < self.passes * out_channels:
-                # small feature map and several passes: sum the passes' position-pair products, one matmul per batch
+            positions, out_channels, fan_in = cols.shape[-1], g.shape[1], cols.shape[1]
+            pairs = positions * (positions + 1) // 2
+            if groups == 1 and 4 * pairs * (fan_in + out_channels) < self.passes * out_channels * fan_in:
+                # small feature map: sum the passes' position-pair products, one matmul per batch (measured rule)
                 first, second = _pairs(positions, g.device)
-                g = g.reshape(batch, out_channels, positions)
-                gg = g[:, :, first] * g[:, :, second]
+                g_t = g.reshape(batch, out_channels, positions).transpose(1, 2)  # (B, L, Cout)
+                gg = g_t[:, first] * g_t[:, second]  # (B, pairs, Cout)
                 self.conv_gg[name] = self.conv_gg[name] + gg if name in self.conv_gg else gg
             else:
                 cols = cols.view(batch, groups, -1, positions)
                 g_flat = g.reshape(batch, groups, -1, positions)  # (B, G, Cout/G, L)
-                for s in _chunks(batch, weight.numel()):  # cache-sized chunks: build, square and sum while hot
+                for s in _chunks(batch, weight.numel(), a.device):  # build, square and sum while in cache
                     per_sample = torch.matmul(g_flat[s], cols[s].transpose(-1, -2))  # (b, G, Cout/G, Cin/G·k)
                     self._add(local_names["weight"], per_sample.square_().sum(0).reshape(weight.shape))
         if "bias" in local_names:
@@ -298,24 +301,26 @@ def _pairs(positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _position_pairs_sum(gg: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Σ_i (per-sample conv weight gradient)², from Σ_passes g_il g_il' (gg: B × Cout × pairs) and the unfolded input.
+    """Σ_i (per-sample conv weight gradient)², from Σ_passes g_il g_il' (gg: B × pairs × Cout) and the unfolded input.
 
     A per-sample gradient is Σ_l g_il u_ilᵀ over positions l, so its square is Σ_{l,l'} (g_il g_il')(u_il u_il')ᵀ: over
     samples and pairs l ≤ l' (the others twice) one matmul (Cout × B·pairs) @ (B·pairs × Cin·k), and the passes of the
     `exact` kind add up in gg before it, as for a Linear layer (which is the case of one position).
     """
-    positions = cols.shape[-1]
+    positions, out_channels, fan_in = cols.shape[-1], gg.shape[2], cols.shape[1]
     first, second = _pairs(positions, cols.device)
-    gg = gg * torch.where(first == second, 1.0, 2.0).to(gg.dtype)
+    gg = gg * torch.where(first == second, 1.0, 2.0).to(gg.dtype).view(1, -1, 1)
+    cols_t = cols.transpose(1, 2)  # (B, L, Cin·k)
     total = 0
-    for s in _chunks(len(gg), len(first) * (gg.shape[1] + cols.shape[1])):
-        uu = cols[s][:, :, first] * cols[s][:, :, second]  # (b, Cin·k, pairs)
-        total = total + gg[s].permute(1, 0, 2).reshape(gg.shape[1], -1) @ uu.permute(0, 2, 1).reshape(-1, cols.shape[1])
+    for s in _chunks(len(gg), len(first) * (out_channels + fan_in), gg.device):
+        uu = cols_t[s][:, first] * cols_t[s][:, second]  # (b, pairs, Cin·k)
+        total = total + gg[s].reshape(-1, out_channels).T @ uu.reshape(-1, fan_in)
     return total
 
 
-def _chunks(batch: int, per_sample_elements: int):
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_sample_elements))
+def _chunks(batch: int, per_sample_elements: int, device: torch.device):
+    budget = _CPU_CHUNK if device.type == "cpu" else _ACCELERATOR_CHUNK
+    step = max(1, budget // max(1, per_sample_elements))
     return [slice(i, i + step) for i in range(0, batch, step)]
 
 
