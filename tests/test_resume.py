@@ -110,8 +110,10 @@ def test_resume_keeps_the_carried_optimizer_state(tmp_path):
 
 
 @pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
-def test_sigkill_in_the_middle_of_a_task_then_resume_from_the_cli(tmp_path):
-    common = ["method=finetune", "deterministic=true", "trainer.max_steps=60", "checkpoint.every_n_steps=7", "logger=none"]
+@pytest.mark.parametrize("method", METHODS)
+def test_sigkill_in_the_middle_of_a_task_then_resume_from_the_cli(tmp_path, method):
+    common = [f"method={method}", "deterministic=true", "trainer.max_steps=60", "checkpoint.every_n_steps=7",
+              "logger=none"]
     reference_dir = tmp_path / "ref"
     run_train(reference_dir, *common)
     run_dir = tmp_path / "killed"
