@@ -115,6 +115,9 @@ class NaNAtTask:
     def on_task_end(self, task, module, datamodule):
         pass
 
+    def summary(self):
+        return {}
+
     def state_dict(self):
         return {}
 

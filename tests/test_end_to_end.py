@@ -19,6 +19,9 @@ def test_short_run_fills_the_run_folder(tmp_path, method, scenario):
     assert len(R) == 5 and all(len(row) == 5 for row in R)
     assert all(0.0 <= a <= 1.0 for row in R for a in row)
     assert results["steps_per_task"] == [5] * 5
+    if method == "ewc":  # the Fisher statistics of every task reach results.json
+        stats = results["method_summary"]["fisher_stats"]
+        assert [s["task"] for s in stats] == list(range(5)) and all(s["mean"] > 0 for s in stats)
     for name in ("config.yaml", "results.json", "acc_matrix.png", "avg_acc.png", "train.log",
                  "checkpoints/last.ckpt", "checkpoints/task_4.ckpt", "csv/metrics.csv", ".hydra/config.yaml"):
         assert (run_dir / name).is_file(), name

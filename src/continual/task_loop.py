@@ -69,6 +69,7 @@ class TaskLoop:
             "bwt": None,
             "fwt": None,
             "val_avg_acc": None,
+            "method_summary": {},
             "steps_per_task": [],
             "task_times_s": [],
             "timing_s": {"train": 0.0, "task_end": 0.0, "eval": 0.0, "checkpoint": 0.0},
@@ -140,6 +141,7 @@ class TaskLoop:
         self.trainer.fit_loop.restarting = False
         self.results["steps_per_task"].append(self.trainer.global_step - start_step)
         self._timed("task_end", regularizer.on_task_end, task, self.module, self.dm)
+        self.results["method_summary"] = regularizer.summary()
 
         self.module.trained_up_to = task
         row = self._timed("eval", self.evaluate, "test")

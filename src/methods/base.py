@@ -29,6 +29,10 @@ class Regularizer:
     def on_task_end(self, task: int, module, datamodule) -> None:
         """Called after task `task` is trained, before it is evaluated; task `task`'s training data are still served."""
 
+    def summary(self) -> dict:
+        """Plain numbers about the method's state (e.g. Fisher statistics) for results.json's `method_summary`."""
+        return {}
+
     def state_dict(self) -> dict:
         return {}
 

@@ -176,6 +176,9 @@ class EWC(Regularizer):
             logger.log_metrics(values, step=step)
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        return {"fisher_stats": [dict(stats) for stats in self.fisher_stats]}
+
     def state_dict(self) -> dict:
         cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
         return {
