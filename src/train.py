@@ -82,9 +82,11 @@ def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
     return ckpt
 
 
-def build_task_loop(cfg: DictConfig, run_dir: Path) -> TaskLoop:
-    """Everything a run needs, built from the config; `TaskLoop.run()` then trains the whole sequence."""
-    validate_config(cfg)
+def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True) -> TaskLoop:
+    """Everything a run needs, built from the config; `TaskLoop.run()` then trains the whole sequence.
+    `validate=False` when the caller has already checked the config."""
+    if validate:
+        validate_config(cfg)
     is_main_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
     if is_main_process and not cfg.get("resume"):
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -123,7 +125,7 @@ def main(cfg: DictConfig) -> float | None:
             if results.get("status") == "finished":
                 log.info("%s already finished; nothing to do", run_dir)
                 return results["val_avg_acc"] if results.get("val_avg_acc") is not None else results["avg_acc"]
-        results = build_task_loop(cfg, run_dir).run(resume_from=ckpt)
+        results = build_task_loop(cfg, run_dir, validate=False).run(resume_from=ckpt)
     except (ConfigError, DatasetError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
