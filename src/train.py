@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -91,8 +92,10 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True) -> Ta
     if is_main_process and not cfg.get("resume"):
         write_text_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    loading = time.perf_counter()
     datamodule = instantiate(cfg.dataset, _recursive_=True)
     datamodule.setup()
+    loading = time.perf_counter() - loading
     scenario = instantiate(cfg.scenario, n_tasks=datamodule.n_tasks, classes_per_task=datamodule.classes_per_task)
     backbone = instantiate(cfg.model, input_shape=datamodule.input_shape)
     module = ContinualModule(
@@ -104,12 +107,14 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True) -> Ta
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    return TaskLoop(
+    loop = TaskLoop(
         trainer, module, datamodule, run_dir,
         epochs_per_task=cfg.trainer.max_epochs, steps_per_task=cfg.trainer.max_steps,
         config=OmegaConf.to_container(cfg, resolve=True), save_checkpoints=cfg.save_checkpoints,
         checkpoint_every_n_steps=cfg.checkpoint.every_n_steps,
     )
+    loop.results["timing_s"]["data"] = loading
+    return loop
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

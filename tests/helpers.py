@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from src.config import compose_config  # noqa: F401  (tests import it from here)
 from src.data.source import ImageData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,27 +60,6 @@ def run_train(run_dir: Path, *overrides: str, check: bool = True, timeout: int =
 
 def read_results(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "results.json").read_text())
-
-
-def compose_config(*overrides: str, run_dir: Path | None = None):
-    """The real config composed in-process (as `python -m src.train` would), with `${hydra:…}` resolvable."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.hydra_config import HydraConfig
-
-    GlobalHydra.instance().clear()
-    extra = [f"hydra.run.dir={run_dir}"] if run_dir is not None else []
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*extra, *overrides], return_hydra_config=True)
-    from omegaconf import open_dict
-
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(run_dir) if run_dir is not None else cfg.hydra.run.dir
-        cfg.hydra.runtime.cwd = str(ROOT)
-    HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        del cfg["hydra"]  # as in a real run: `${hydra:…}` resolves from HydraConfig, the job config has no hydra node
-    return cfg
 
 
 def build_loop(tmp_path: Path, *overrides: str):

@@ -22,6 +22,7 @@ BAD = [
     (["dataset.eval_batch_size=-1"], "dataset.eval_batch_size=-1"),
     (["dataset.val_fraction=1.0"], "dataset.val_fraction=1.0"),
     (["checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps=-1"),
+    (["dataset.data_on_device=maybe"], "dataset.data_on_device='maybe'"),
     (["scenario=class", "scenario.train_classes=new"], "scenario.train_classes='new'"),
     ([*SYNTHETIC, "model=convnet", "+dataset.source.shape=[64]"], "model=convnet"),
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -47,24 +49,30 @@ class ContinualModule(L.LightningModule):
         self.last_eval: list[float] = []
         self.loop_state: dict = {}  # the task loop's own progress, stored in checkpoints
         self._optimizer_state = None
+        self._nonfinite: torch.Tensor | None = None  # whether a loss since the last check was not finite
+        self.first_step_at: float | None = None  # wall clock of the first training step (start-up time)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
 
     # ---- training ------------------------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
+
     def training_step(self, batch, batch_idx):
         x, labels, task_ids = batch
         logits = self(x)
         view, targets = self.scenario.train_view(logits, labels, task_ids, self.current_task)
         task_loss = F.cross_entropy(view, targets)
         terms = self.regularizer.loss(self, batch, logits, task_loss)
-        if not torch.isfinite(terms["loss"]):
-            raise NonFiniteLossError(
-                f"non-finite loss ({terms['loss'].detach().item()}) in task {self.current_task} at step {self.global_step}; "
-                "the last good checkpoint is kept (lower the learning rate or the method's strength?)"
-            )
+        # Non-finite losses are flagged on the device and looked at only on logging steps, at the end of each task
+        # and before any checkpoint: checking every step would make a GPU wait for each step before queuing the next.
+        bad = ~torch.isfinite(terms["loss"].detach())
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         # Lightning's `log` costs about as much as the MLP's whole step, so log only on the steps the loggers write.
         if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.check_finite()
             if "task_loss" not in terms:
                 terms = {**terms, "task_loss": task_loss}
             self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, on_step=True,
@@ -77,7 +85,18 @@ class ContinualModule(L.LightningModule):
             optimizer.load_state_dict(self._optimizer_state)
         return optimizer
 
+    def check_finite(self) -> None:
+        """Raise if a loss since the last check was NaN or infinite (the run then fails with exit 3)."""
+        bad, self._nonfinite = self._nonfinite, None
+        if bad is not None and bool(bad):
+            raise NonFiniteLossError(
+                f"non-finite loss in task {self.current_task} at step {self.global_step} (or in the "
+                f"{self.trainer.log_every_n_steps - 1} steps before it); the last good checkpoint is kept "
+                "(lower the learning rate or the method's strength?)"
+            )
+
     def on_train_end(self) -> None:
+        self.check_finite()
         if not self.reset_optimizer:
             self._optimizer_state = self.trainer.optimizers[0].state_dict()
 
@@ -97,6 +116,7 @@ class ContinualModule(L.LightningModule):
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never save weights that a non-finite loss may have spoilt
         checkpoint["regularizer"] = self.regularizer.state_dict()
         checkpoint["continual"] = {
             **self.loop_state,

@@ -9,6 +9,7 @@ again, so a fresh optimizer per task is the natural result (the module can carry
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -27,6 +28,17 @@ log = logging.getLogger(__name__)
 
 class ResumeError(RuntimeError):
     pass
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux; None elsewhere): start-up includes the interpreter and imports."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return time.time() - (boot + start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 class TaskLoop:
@@ -72,7 +84,10 @@ class TaskLoop:
             "method_summary": {},
             "steps_per_task": [],
             "task_times_s": [],
-            "timing_s": {"train": 0.0, "task_end": 0.0, "eval": 0.0, "checkpoint": 0.0},
+            # startup: process start → this loop (imports, config, data, model); first_step: process start → first
+            # training step; data: loading the dataset (part of startup); the rest are sums over the run
+            "timing_s": {"startup": process_age(), "first_step": None, "data": None,
+                         "train": 0.0, "task_end": 0.0, "eval": 0.0, "checkpoint": 0.0},
             "wall_time_s": None,
         }
 
@@ -136,6 +151,9 @@ class TaskLoop:
             restore_rng(resume["rng"])
         self._timed("train", lambda: self.trainer.fit(self.module, datamodule=self.dm, ckpt_path=ckpt_path,
                                                       weights_only=False))
+        if self.results["timing_s"]["first_step"] is None and self.module.first_step_at is not None:
+            age = process_age()
+            self.results["timing_s"]["first_step"] = age and age - (time.time() - self.module.first_step_at)
         # A resumed fit that had nothing left to do returns while Lightning still flags its loops as restarting,
         # which would make the next task's fit act as if it were resuming too.
         self.trainer.fit_loop.restarting = False

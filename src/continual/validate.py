@@ -54,6 +54,8 @@ def validate_config(cfg: DictConfig) -> None:
         _check(isinstance(data[key], int) and data[key] >= 1, f"dataset.{key}", data[key], "an integer >= 1")
     val = data.get("val_fraction", 0.0)
     _check(isinstance(val, (int, float)) and 0.0 <= val < 1.0, "dataset.val_fraction", val, "a number in [0, 1)")
+    on_device = data.get("data_on_device", "auto")
+    _check(on_device in (True, False, "auto"), "dataset.data_on_device", on_device, "one of auto, true, false")
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     _check(isinstance(every, int) and every >= 0, "checkpoint.every_n_steps", every, "an integer >= 0 (0: off)")
 
