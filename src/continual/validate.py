@@ -82,8 +82,10 @@ def validate_config(cfg: DictConfig) -> None:
     input_shape = getattr(source, "input_shape", None)
     if input_shape is not None:
         backbone = _build(cfg.model, "model", input_shape=tuple(input_shape))
+        from src.models.speed import eager  # (imports this module)
+
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eager():  # a shape check, not worth compiling a graph for (model.compile=true)
                 backbone.eval()(torch.zeros(1, *input_shape))
         except Exception as err:
             raise ConfigError(

@@ -44,6 +44,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from src.models.speed import eager
+
 KINDS = ("exact", "sample", "empirical")
 # per-sample gradients are built in chunks of about this many numbers: cache-sized on a CPU (2 MiB), few large kernel
 # launches on an accelerator (128 MiB)
@@ -72,7 +74,9 @@ def fisher_diagonal(
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     recorder = _Recorder(model, params)
     n = 0
-    with _eval_mode(model), torch.enable_grad(), recorder:
+    # eager(): the recording hooks are added now, after a `model.compile=true` backbone was compiled; Dynamo does not
+    # guard on hooks, so a compiled forward would skip them and the Fisher would silently be zero (src/models/speed.py)
+    with _eval_mode(model), torch.enable_grad(), eager(), recorder:
         for batch in batches:
             recorder.start_batch()
             outputs, targets = output_fn(model(batch[0]), batch)

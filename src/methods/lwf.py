@@ -85,6 +85,7 @@ from torch import nn
 
 from src.continual.validate import ConfigError
 from src.methods.base import Regularizer
+from src.models.speed import compile_copy
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,9 @@ def loss_weights(weighting: str, scenario_name: str, n_tasks_so_far: int, alpha:
 
 
 def snapshot(module) -> nn.Sequential:
-    """A frozen deep copy of the module's network (backbone + head): eval mode, no gradients, no copied `.grad`s."""
-    teacher = nn.Sequential(copy.deepcopy(module.backbone), copy.deepcopy(module.head))
+    """A frozen deep copy of the module's network (backbone + head): eval mode, no gradients, no copied `.grad`s.
+    A `model.compile=true` backbone is compiled again in the copy (`deepcopy` drops the compiled forward)."""
+    teacher = nn.Sequential(compile_copy(copy.deepcopy(module.backbone)), copy.deepcopy(module.head))
     for p in teacher.parameters():
         p.grad = None
     return teacher.eval().requires_grad_(False)

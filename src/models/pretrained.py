@@ -10,6 +10,10 @@ other keys are its arguments, and two keys work for all of them:
 - `freeze_trunk`: the trunk gets `requires_grad=False` and stays in eval mode whatever Lightning asks, so BatchNorm
   keeps the pre-trained statistics. The optimizer only sees the trainable parameters (the LightningModule already
   filters on `requires_grad`), so nothing else has to know.
+
+Two speed switches apply to the finished backbone (`src/models/speed.py`, docs/speed.md): `channels_last` (conv
+weights and inputs in NHWC) and `compile` (`nn.Module.compile()` in place, with `compile_mode`). Neither changes
+parameter names.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from torch import nn
 
 from src.continual.validate import ConfigError
+from src.models.speed import apply_switches, check_switches
 
 log = logging.getLogger(__name__)
 FORMAT = "continual-pretrained-trunk/1"
@@ -109,9 +114,14 @@ def build_backbone(
     architecture: str,
     pretrained: str | None = None,
     freeze_trunk: bool = False,
+    channels_last: bool = False,
+    compile: bool = False,
+    compile_mode: str | None = None,
     **kwargs,
 ) -> nn.Module:
-    """`architecture(input_shape=…, **kwargs)`, then the pre-trained trunk loaded and/or frozen."""
+    """`architecture(input_shape=…, **kwargs)`, then the pre-trained trunk loaded and/or frozen, then the speed
+    switches (checked first, so that a bad value fails before anything is built)."""
+    check_switches(channels_last, compile, compile_mode)
     module_name, _, name = architecture.rpartition(".")
     try:
         factory = getattr(importlib.import_module(module_name), name)
@@ -125,4 +135,4 @@ def build_backbone(
         if not pretrained:
             log.warning("model.freeze_trunk=true without model.pretrained: the trunk stays at its random initialisation")
         backbone = FrozenTrunk(backbone)
-    return backbone
+    return apply_switches(backbone, channels_last, compile, compile_mode)
