@@ -417,7 +417,10 @@ def write_results_md(results_dir: Path, path: Path) -> None:
 
     sections = [render(json.loads(p.read_text())) for p in sorted(results_dir.glob("*.json"))]
     header = ("# Benchmarks\n\nWritten by `python -m src.bench` from the JSON files in `results/` (one per preset and "
-              "machine); rerun it to refresh. Ratios are medians of per-round ratios measured in one process.\n\n")
+              "machine); rerun it to refresh. Ratios are medians of per-round ratios measured in one process. What the "
+              "numbers mean and where the time goes: [docs/speed.md](../../docs/speed.md). A GPU run writes its own "
+              "section here (`python -m src.bench --preset resnet trainer=gpu`); earlier H100 smoke runs are in "
+              "[experiments/gpu](../gpu/README.md).\n\n")
     write_text_atomic(path, header + "\n\n".join(sections) + "\n")
 
 
