@@ -249,3 +249,13 @@ def test_cli_rejects_compile_maybe_before_training(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: model.compile='maybe' is invalid: true or false"
     assert not (tmp_path / "results.json").exists()  # failed before the run started
+
+
+def test_data_on_device_auto_means_accelerators_only():
+    from src.data.datamodule import TaskSequenceDataModule
+
+    def keeps(setting, device):
+        return TaskSequenceDataModule(None, None, data_on_device=setting)._keep_on_device(torch.device(device))
+
+    assert not keeps("auto", "cpu") and keeps("auto", "cuda") and keeps("auto", "mps")
+    assert keeps(True, "cpu") and not keeps(False, "cuda")

@@ -69,6 +69,17 @@ def test_non_finite_loss_stops_with_task_and_step_and_keeps_the_last_good_checkp
     assert ckpt["continual"]["task"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
 
 
+def test_no_checkpoint_is_written_after_a_non_finite_loss(tmp_path):
+    """Losses are checked lazily (a flag on the device), but always before a checkpoint is saved."""
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, *SYNTHETIC, "method._target_=tests.helpers.NaNAtTask", "trainer.max_steps=6",
+                     "checkpoint.every_n_steps=1", "logger=none", check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["continual"]["task"] == 2 and ckpt["continual"]["phase"] == "training"  # a step checkpoint in task 2
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
 def test_a_learning_rate_that_blows_up_fails_the_run(tmp_path):
     loop = build_loop(tmp_path, *SYNTHETIC, "optimizer=sgd", "optimizer.lr=1e30", "trainer.max_steps=20")
     with pytest.raises(Exception, match="non-finite loss"):

@@ -11,6 +11,14 @@ import torch
 import torch.nn.functional as F
 
 
+def _to_device(draws: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy to a GPU from pinned memory, queued without waiting: a plain `.to("cuda")` of a CPU tensor waits for
+    the copy, and with it for every kernel queued before it, at every training step."""
+    if device.type == "cuda":
+        return draws.pin_memory().to(device, non_blocking=True)
+    return draws.to(device)
+
+
 class RandomCropFlip:
     """Random crop with `padding` pixels of zero padding and random horizontal flip (p = 0.5), per sample.
 
@@ -31,7 +39,7 @@ class RandomCropFlip:
             return x
         offsets = torch.randint(0, 2 * p + 1, (2, n), generator=self.generator)
         flips = torch.rand(n, generator=self.generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
-        offsets, flips = offsets.to(x.device), flips.to(x.device)
+        offsets, flips = _to_device(offsets, x.device), _to_device(flips, x.device)
         padded = F.pad(x, (p, p, p, p)) if p else x
         rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # n × h rows of the padded image
         cols = torch.arange(w, device=x.device).expand(n, w)
