@@ -52,8 +52,9 @@ class TaskSequenceDataModule(L.LightningDataModule):
             self.task_list = self.tasks.build(
                 self.data.train_y, self.data.test_y, self.data.n_classes, self.val_fraction, self.seed
             )
-        if self.data_on_device and self.trainer is not None and self._keep_on_device(self.trainer.strategy.root_device):
-            device = self.trainer.strategy.root_device
+        strategy = getattr(self.trainer, "strategy", None)
+        if self.data_on_device and strategy is not None and self._keep_on_device(strategy.root_device):
+            device = strategy.root_device
             self.data.train_x, self.data.test_x = self.data.train_x.to(device), self.data.test_x.to(device)
 
     def _keep_on_device(self, device: torch.device) -> bool:
