@@ -57,6 +57,9 @@ class TensorBatchLoader:
         else:
             order = torch.arange(n)
         order = order[self.rank :: self.world_size].to(self.index.device)
+        # one gather per pass for the index, labels and task ids, so that a batch costs one gather (of its images)
+        # and two views: on a GPU every small op is a kernel launch, on a CPU a wake-up of the thread pool
+        index, labels, task_ids = self.index[order], self.labels[order], self.task_ids[order]
         for start in range(skip * self.batch_size, len(order), self.batch_size):
-            rows = order[start : start + self.batch_size]
-            yield self.images[self.index[rows]], self.labels[rows], self.task_ids[rows]
+            stop = start + self.batch_size
+            yield self.images.index_select(0, index[start:stop]), labels[start:stop], task_ids[start:stop]

@@ -50,6 +50,9 @@ KINDS = ("exact", "sample", "empirical")
 # per-sample gradients are built in chunks of about this many numbers: cache-sized on a CPU (2 MiB), few large kernel
 # launches on an accelerator (128 MiB)
 _CPU_CHUNK, _ACCELERATOR_CHUNK = 1 << 19, 1 << 25
+# on a CPU a batch is processed in parts whose largest layer output takes about this many bytes (measured on a first
+# part of _FIRST_PART samples)
+_CPU_PART_BYTES, _FIRST_PART = 8 << 20, 16
 
 
 def fisher_diagonal(
@@ -78,18 +81,18 @@ def fisher_diagonal(
     # guard on hooks, so a compiled forward would skip them and the Fisher would silently be zero (src/models/speed.py)
     with _eval_mode(model), torch.enable_grad(), eager(), recorder:
         for batch in batches:
-            recorder.start_batch()
-            outputs, targets = output_fn(model(batch[0]), batch)
-            if recorder.outputs_modified():  # an in-place op downstream: from now on hand the network copies
-                recorder.clone_outputs = True
-                recorder.start_batch()
-                outputs, targets = output_fn(model(batch[0]), batch)
-            recorder.passes = outputs.shape[1] - 1 if kind == "exact" else 1
-            for weights in _pass_weights(kind, outputs.detach(), targets, generator):
-                recorder.backward(outputs, weights)
-                recorder.fallback(output_fn, batch, weights)
-            recorder.end_batch()
-            n += len(outputs)
+            if kind == "sample":  # the labels are drawn for the whole batch at once: every part's forward first
+                forwards = [recorder.forward(output_fn, part) for part in recorder.parts(batch)]
+                drawn = next(_pass_weights(kind, torch.cat([f[1].detach() for f in forwards]), None, generator))
+                for f, weights in zip(forwards, drawn.split([len(f[1]) for f in forwards]), strict=True):
+                    recorder.finish(f, [weights], 1, output_fn)
+                    n += len(f[1])
+                continue
+            for part in recorder.parts(batch):  # a sample's pass weights are its own: only one part's graph alive
+                f = recorder.forward(output_fn, part)
+                passes = f[1].shape[1] - 1 if kind == "exact" else 1
+                recorder.finish(f, _pass_weights(kind, f[1].detach(), f[2], generator), passes, output_fn)
+                n += len(f[1])
     sums = recorder.sums
     n = _all_reduce(sums, n)
     if n == 0:
@@ -150,6 +153,7 @@ class _Recorder:
         self.records: dict[str, list] = {}
         self.recording = False
         self.clone_outputs = False  # set once an in-place op downstream of a recorded layer is seen
+        self.part_size = None  # samples per part of a batch (CPU), set from the first forward
         self.handles = []
 
     def __enter__(self):
@@ -180,8 +184,46 @@ class _Recorder:
 
     def start_batch(self) -> None:
         self.records, self.recording, self.batch_sums = {}, True, {}
-        self.linear_g2, self.conv_cols, self.conv_gg = {}, {}, {}  # per layer, shared by the passes of a batch
+        self.linear_g2, self.conv_gg, self.conv_padded = {}, {}, {}  # per layer, shared by the passes of a batch
         self.passes = 1
+
+    def parts(self, batch):
+        """The batch in parts of a few MiB of activations per layer on a CPU, measured on a first small part: a
+        batch's huge activations are slower to compute (fresh memory, out of cache) and all alive at once."""
+        size = len(batch[0]) if isinstance(batch, (tuple, list)) and len(batch) and torch.is_tensor(batch[0]) else 0
+        if not size or batch[0].device.type != "cpu" or not all(
+                torch.is_tensor(t) and t.dim() and len(t) == size for t in batch):
+            yield batch
+            return
+        start = 0
+        while start < size:
+            step = self.part_size or _FIRST_PART
+            yield type(batch)(t[start : start + step] for t in batch)
+            start += step
+
+    def forward(self, output_fn, batch):
+        """Forward `batch` with recording hooks: (its records, outputs, targets, batch)."""
+        self.start_batch()
+        outputs, targets = output_fn(self.model(batch[0]), batch)
+        if self.outputs_modified():  # an in-place op downstream: from now on hand the network copies
+            self.clone_outputs = True
+            self.start_batch()
+            outputs, targets = output_fn(self.model(batch[0]), batch)
+        self.recording = False
+        if self.part_size is None and len(batch[0]):
+            largest = max((rec[2].numel() * rec[2].element_size() for recs in self.records.values() for rec in recs),
+                          default=0)
+            self.part_size = max(1, _CPU_PART_BYTES * len(batch[0]) // max(1, largest))
+        return self.records, outputs, targets, batch
+
+    def finish(self, forward, pass_weights, passes: int, output_fn) -> None:
+        """The backward passes of one `forward`, then its sums are added."""
+        self.records, outputs, _, batch = forward
+        self.passes = passes
+        for weights in pass_weights:
+            self.backward(outputs, weights)
+            self.fallback(output_fn, batch, weights)
+        self.end_batch()
 
     def backward(self, logits: torch.Tensor, weights: torch.Tensor) -> None:
         """One backward pass of Σ weights ⊙ logits to every recorded layer output; accumulates the squares."""
@@ -218,9 +260,9 @@ class _Recorder:
                 self._add(local_names["weight"], g2.T @ (a * a))
             if "bias" in local_names:
                 self._add(local_names["bias"], g2.sum(0))
-        for name, gg in self.conv_gg.items():
+        for name, (a, gg) in self.conv_gg.items():
             module, _, local_names = self.layers[name]
-            self._add(local_names["weight"], _position_pairs_sum(gg, self.conv_cols[name]).view_as(module.weight))
+            self._add(local_names["weight"], _position_pairs_sum(gg, _unfold(_pad(a, module), module)).view_as(module.weight))
         for name, value in self.batch_sums.items():
             self.sums[name] += value
         self.start_batch()
@@ -243,23 +285,26 @@ class _Recorder:
     def _conv2d(self, name, module, local_names, a, g):
         if "weight" in local_names:
             groups, batch, weight = module.groups, len(a), module.weight
-            if name not in self.conv_cols:  # unfold once per batch, for all passes: (B, Cin·k, L)
-                self.conv_cols[name] = F.unfold(a, module.kernel_size, module.dilation, module.padding, module.stride)
-            cols = self.conv_cols[name]
-            positions, out_channels, fan_in = cols.shape[-1], g.shape[1], cols.shape[1]
+            positions, out_channels = g.shape[2] * g.shape[3], g.shape[1]
+            fan_in = weight[0].numel() * groups  # Cin·k, the rows of the unfolded input
             pairs = positions * (positions + 1) // 2
             if groups == 1 and 4 * pairs * (fan_in + out_channels) < self.passes * out_channels * fan_in:
                 # small feature map: sum the passes' position-pair products, one matmul per batch (measured rule)
                 first, second = _pairs(positions, g.device)
                 g_t = g.reshape(batch, out_channels, positions).transpose(1, 2)  # (B, L, Cout)
                 gg = g_t[:, first] * g_t[:, second]  # (B, pairs, Cout)
-                self.conv_gg[name] = self.conv_gg[name] + gg if name in self.conv_gg else gg
+                self.conv_gg[name] = (a, self.conv_gg[name][1] + gg if name in self.conv_gg else gg)
             else:
-                cols = cols.view(batch, groups, -1, positions)
                 g_flat = g.reshape(batch, groups, -1, positions)  # (B, G, Cout/G, L)
-                for s in _chunks(batch, weight.numel(), a.device):  # build, square and sum while in cache
-                    per_sample = torch.matmul(g_flat[s], cols[s].transpose(-1, -2))  # (b, G, Cout/G, Cin/G·k)
-                    self._add(local_names["weight"], per_sample.square_().sum(0).reshape(weight.shape))
+                if name not in self.conv_padded:  # padded once for all passes
+                    self.conv_padded[name] = _unfold(_pad(a, module), module)
+                padded = self.conv_padded[name]
+                # unfold a few samples at a time, while in cache: a whole batch's unfold is 9× its input (memory)
+                for s in _chunks(batch, fan_in * positions + weight.numel(), a.device):
+                    cols = padded[s].view(-1, groups, fan_in // groups, positions)
+                    per_sample = torch.matmul(cols, g_flat[s].transpose(-1, -2))  # (b, G, Cin/G·k, Cout/G)
+                    square = per_sample.square_().sum(0).transpose(-1, -2)
+                    self._add(local_names["weight"], square.reshape(weight.shape))
         if "bias" in local_names:
             self._add(local_names["bias"], g.flatten(2).sum(2).square().sum(0))
 
@@ -267,7 +312,7 @@ class _Recorder:
         # per sample: ∂β = Σ_positions g, ∂γ = Σ_positions g ⊙ (a − μ)/σ = (Σ g ⊙ a − μ ∂β)/σ (running μ, σ)
         g_sum = g.flatten(2).sum(2) if a.dim() > 2 else g
         if "weight" in local_names:
-            ga = torch.einsum("bcp,bcp->bc", g.flatten(2), a.flatten(2)) if a.dim() > 2 else g * a
+            ga = torch.linalg.vecdot(g.flatten(2), a.flatten(2)) if a.dim() > 2 else g * a
             per_sample = (ga - module.running_mean * g_sum) * torch.rsqrt(module.running_var + module.eps)
             self._add(local_names["weight"], per_sample.square().sum(0))
         if "bias" in local_names:
@@ -320,6 +365,22 @@ def _position_pairs_sum(gg: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         uu = cols_t[s][:, first] * cols_t[s][:, second]  # (b, pairs, Cin·k)
         total = total + gg[s].reshape(-1, out_channels).T @ uu.reshape(-1, fan_in)
     return total
+
+
+def _pad(a: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    (ph, pw) = conv.padding
+    return F.pad(a, (pw, pw, ph, ph)) if ph or pw else a
+
+
+def _unfold(padded: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """F.unfold for `conv` of its `_pad`ded input (B × Cin·k × L), as a copy of a strided view: F.unfold is several
+    times slower on a CPU."""
+    (sh, sw), (dh, dw), (kh, kw) = conv.stride, conv.dilation, conv.kernel_size
+    b, c, h, w = padded.shape
+    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    sb, sc, sy, sx = padded.stride()
+    view = padded.as_strided((b, c, kh, kw, out_h, out_w), (sb, sc, dh * sy, dw * sx, sh * sy, sw * sx))
+    return view.reshape(b, c * kh * kw, out_h * out_w)
 
 
 def _chunks(batch: int, per_sample_elements: int, device: torch.device):
