@@ -20,16 +20,17 @@ import warnings
 from pathlib import Path
 
 import hydra
-import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.continual.module import ContinualModule, NonFiniteLossError
 from src.continual.results import write_text_atomic
-from src.continual.task_loop import ResumeError, TaskLoop
 from src.continual.validate import ConfigError, validate_config
 from src.data.download import DatasetError
+from src.data.source import LoadingInBackground
+
+# Lightning (and all that imports it: the module, the task loop) is imported inside `main`/`build_task_loop`, after
+# the dataset has started loading in the background: its ≈ 2.6 s of imports then hide the loading (docs/speed.md).
 
 log = logging.getLogger("src.train")
 
@@ -83,9 +84,15 @@ def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
     return ckpt
 
 
-def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True) -> TaskLoop:
+def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, source=None):
     """Everything a run needs, built from the config; `TaskLoop.run()` then trains the whole sequence.
-    `validate=False` when the caller has already checked the config."""
+    `validate=False` when the caller has already checked the config; `source`: the dataset source to use instead of
+    a new one from the config (e.g. one already loading in the background)."""
+    import lightning as L
+
+    from src.continual.module import ContinualModule
+    from src.continual.task_loop import TaskLoop
+
     if validate:
         validate_config(cfg)
     is_main_process = int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0
@@ -94,8 +101,10 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True) -> Ta
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     loading = time.perf_counter()
     datamodule = instantiate(cfg.dataset, _recursive_=True)
+    if source is not None:
+        datamodule.source = source
     datamodule.setup()
-    loading = time.perf_counter() - loading
+    loading = time.perf_counter() - loading  # with a background source: only what was left when it was needed
     scenario = instantiate(cfg.scenario, n_tasks=datamodule.n_tasks, classes_per_task=datamodule.classes_per_task)
     backbone = instantiate(cfg.model, input_shape=datamodule.input_shape)
     module = ContinualModule(
@@ -130,7 +139,15 @@ def main(cfg: DictConfig) -> float | None:
             if results.get("status") == "finished":
                 log.info("%s already finished; nothing to do", run_dir)
                 return results["val_avg_acc"] if results.get("val_avg_acc") is not None else results["avg_acc"]
-        results = build_task_loop(cfg, run_dir, validate=False).run(resume_from=ckpt)
+        source = LoadingInBackground(instantiate(cfg.dataset.source))
+    except (ConfigError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    from src.continual.module import NonFiniteLossError  # Lightning: imported while the dataset loads
+    from src.continual.task_loop import ResumeError
+
+    try:
+        results = build_task_loop(cfg, run_dir, validate=False, source=source).run(resume_from=ckpt)
     except (ConfigError, DatasetError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

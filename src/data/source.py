@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -28,3 +29,34 @@ class ImageData:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train_x.shape[1:])
+
+
+class LoadingInBackground:
+    """`source.load()` started in a thread now and collected by the first `load()`; other attributes pass through.
+
+    `python -m src.train` starts it before importing Lightning, which takes seconds and holds the GIL only part of
+    the time, while loading is mostly decompression, hashing and copying in C that releases it: the dataset is ready
+    when the Trainer is. An error is raised by `load()`, in the caller's thread, as if the source had been loaded
+    there.
+    """
+
+    def __init__(self, source):
+        self.source = source
+        self._data, self._error = None, None
+        self._thread = threading.Thread(target=self._load, name="dataset-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            self._data = self.source.load()
+        except BaseException as err:  # handed to the caller of load()
+            self._error = err
+
+    def load(self) -> ImageData:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._data
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__["source"], name)

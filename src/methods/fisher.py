@@ -290,18 +290,19 @@ class _Recorder:
             pairs = positions * (positions + 1) // 2
             if groups == 1 and 4 * pairs * (fan_in + out_channels) < self.passes * out_channels * fan_in:
                 # small feature map: sum the passes' position-pair products, one matmul per batch (measured rule)
-                first, second = _pairs(positions, g.device)
-                g_t = g.reshape(batch, out_channels, positions).transpose(1, 2)  # (B, L, Cout)
-                gg = g_t[:, first] * g_t[:, second]  # (B, pairs, Cout)
-                self.conv_gg[name] = (a, self.conv_gg[name][1] + gg if name in self.conv_gg else gg)
+                g_flat = g.reshape(batch, out_channels, positions)
+                if name in self.conv_gg:  # all position pairs, in place (cheaper than gathering the pairs l ≤ l')
+                    self.conv_gg[name][1].addcmul_(g_flat.unsqueeze(3), g_flat.unsqueeze(2))
+                else:
+                    self.conv_gg[name] = (a, g_flat.unsqueeze(3) * g_flat.unsqueeze(2))  # (B, Cout, L, L)
             else:
                 g_flat = g.reshape(batch, groups, -1, positions)  # (B, G, Cout/G, L)
                 if name not in self.conv_padded:  # padded once for all passes
-                    self.conv_padded[name] = _unfold(_pad(a, module), module)
+                    self.conv_padded[name] = _pad(a, module)
                 padded = self.conv_padded[name]
                 # unfold a few samples at a time, while in cache: a whole batch's unfold is 9× its input (memory)
                 for s in _chunks(batch, fan_in * positions + weight.numel(), a.device):
-                    cols = padded[s].view(-1, groups, fan_in // groups, positions)
+                    cols = _unfold(padded[s], module).view(-1, groups, fan_in // groups, positions)
                     per_sample = torch.matmul(cols, g_flat[s].transpose(-1, -2))  # (b, G, Cin/G·k, Cout/G)
                     square = per_sample.square_().sum(0).transpose(-1, -2)
                     self._add(local_names["weight"], square.reshape(weight.shape))
@@ -350,15 +351,15 @@ def _pairs(positions: int, device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _position_pairs_sum(gg: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Σ_i (per-sample conv weight gradient)², from Σ_passes g_il g_il' (gg: B × pairs × Cout) and the unfolded input.
+    """Σ_i (per-sample conv weight gradient)², from Σ_passes g_il g_il' (gg: B × Cout × L × L) and the unfolded input.
 
     A per-sample gradient is Σ_l g_il u_ilᵀ over positions l, so its square is Σ_{l,l'} (g_il g_il')(u_il u_il')ᵀ: over
     samples and pairs l ≤ l' (the others twice) one matmul (Cout × B·pairs) @ (B·pairs × Cin·k), and the passes of the
     `exact` kind add up in gg before it, as for a Linear layer (which is the case of one position).
     """
-    positions, out_channels, fan_in = cols.shape[-1], gg.shape[2], cols.shape[1]
+    positions, out_channels, fan_in = cols.shape[-1], gg.shape[1], cols.shape[1]
     first, second = _pairs(positions, cols.device)
-    gg = gg * torch.where(first == second, 1.0, 2.0).to(gg.dtype).view(1, -1, 1)
+    gg = gg[:, :, first, second].transpose(1, 2) * torch.where(first == second, 1.0, 2.0).to(gg.dtype).view(1, -1, 1)
     cols_t = cols.transpose(1, 2)  # (B, L, Cin·k)
     total = 0
     for s in _chunks(len(gg), len(first) * (out_channels + fan_in), gg.device):
