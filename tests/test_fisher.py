@@ -234,3 +234,62 @@ def test_two_process_fisher_equals_one_process(arch):
             assert n_ranks == n == 25
             assert_same(fisher, single)
 
+
+
+# ---- the conv fast path and the parts of a batch ----------------------------------------------------------------------
+class ConvVariety(nn.Module):
+    """Convs with BatchNorm, padding, stride, dilation and groups, and a wide conv on a small map (position pairs)."""
+
+    def __init__(self, input_shape):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(input_shape[0], 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+            nn.Conv2d(6, 8, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2), nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(12, 64, 2, stride=2), nn.BatchNorm2d(64), nn.ReLU(),  # a 1×3 map: the position-pairs path
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.out_features = 64
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_unfold_equals_torch_unfold():
+    from src.methods.fisher import _pad, _unfold
+
+    x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
+    for conv in (nn.Conv2d(4, 2, 3), nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, (3, 2), stride=(2, 1),
+                 padding=(1, 2), dilation=(1, 2)), nn.Conv2d(4, 2, 1, stride=2), nn.Conv2d(4, 4, 3, groups=2)):
+        want = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+        for a in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, 1:]):
+            want = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+            assert torch.equal(_unfold(_pad(a, conv), conv), want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("view", [task_view, class_view])
+@pytest.mark.parametrize("parts", [False, True])
+def test_conv_fast_path_and_batch_parts_equal_per_sample_loop(kind, view, parts, monkeypatch):
+    """The conv path (strided unfold, position pairs) on every variation it claims; with `parts` the batches are cut
+    into parts of one sample, and `sample` must still draw its labels for the whole batch at once."""
+    import src.methods.fisher as fisher_module
+
+    if parts:
+        monkeypatch.setattr(fisher_module, "_FIRST_PART", 3)
+        monkeypatch.setattr(fisher_module, "_CPU_PART_BYTES", 1)
+    shape = (2, 9, 9)
+    torch.manual_seed(0)
+    model = Net(ConvVariety(shape), 6).double()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    batches = make_batches(shape=shape)
+    sampled = draw_labels(model, batches, view, seed=3) if kind == "sample" else None
+    fast, n = fisher_diagonal(model, batches, kind, output_fn=view, generator=torch.Generator().manual_seed(3))
+    assert n == 24
+    assert_same(fast, slow_fisher(model, batches, kind, view, sampled))

@@ -190,7 +190,7 @@ class _Recorder:
     def parts(self, batch):
         """The batch in parts of a few MiB of activations per layer on a CPU, measured on a first small part: a
         batch's huge activations are slower to compute (fresh memory, out of cache) and all alive at once."""
-        size = len(batch[0]) if isinstance(batch, (tuple, list)) and len(batch) and torch.is_tensor(batch[0]) else 0
+        size = len(batch[0]) if type(batch) in (tuple, list) and len(batch) and torch.is_tensor(batch[0]) else 0
         if not size or batch[0].device.type != "cpu" or not all(
                 torch.is_tensor(t) and t.dim() and len(t) == size for t in batch):
             yield batch
