@@ -261,7 +261,6 @@ def test_unfold_equals_torch_unfold():
     x = torch.randn(3, 4, 9, 8, dtype=torch.float64)
     for conv in (nn.Conv2d(4, 2, 3), nn.Conv2d(4, 2, 3, padding=1), nn.Conv2d(4, 2, (3, 2), stride=(2, 1),
                  padding=(1, 2), dilation=(1, 2)), nn.Conv2d(4, 2, 1, stride=2), nn.Conv2d(4, 4, 3, groups=2)):
-        want = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
         for a in (x, x.contiguous(memory_format=torch.channels_last), x[:, :, 1:]):
             want = F.unfold(a, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
             assert torch.equal(_unfold(_pad(a, conv), conv), want)

@@ -21,12 +21,18 @@ layer's input a_i and the gradient g_i at its output, both recorded by hooks:
 
 - ``nn.Linear`` (2-D input): Σ_i (g_i ⊙ g_i)(a_i ⊙ a_i)ᵀ is one matmul, (g²)ᵀ(a²); the bias gets Σ_i g_i². For ``exact``
   the g² of all passes are summed first, so it is still one matmul per batch. No per-sample tensor exists.
-- ``nn.Conv2d``: the per-sample weight gradient is g_i · unfold(a_i)ᵀ, a batched matmul over chunks of samples;
+- ``nn.Conv2d``: the per-sample weight gradient is g_i · unfold(a_i)ᵀ, a batched matmul over chunks of a few samples
+  whose unfold (a copy of a strided view of the padded input; F.unfold is several times slower on a CPU) is built in
+  the chunk's loop, while in cache; on small feature maps with many passes, position pairs (`_position_pairs_sum`);
   the bias is Σ_positions g_i.
 - BatchNorm (eval mode, running statistics): the per-sample gradients are Σ_positions g_i ⊙ x̂_i (weight) and
   Σ_positions g_i (bias), with x̂ the input normalised by the running statistics.
 - any other layer that owns trainable parameters: ``torch.func`` ``vmap(grad)`` over samples, for those parameters
   only — the generic, slow fallback.
+
+On a CPU each batch is processed in parts whose largest layer output is a few MiB: huge activations are much slower
+to compute (fresh memory, out of cache), and for ``exact`` and ``empirical`` only one part's graph is alive; ``sample``
+still draws its labels for the whole batch at once, so the draws do not depend on the parts.
 
 Per-sample gradients are only separable like this when samples do not interact, so the model runs in eval mode
 (BatchNorm uses its running statistics, dropout is off) and is put back in its previous modes afterwards; running
@@ -47,9 +53,9 @@ from torch import nn
 from src.models.speed import eager
 
 KINDS = ("exact", "sample", "empirical")
-# per-sample gradients are built in chunks of about this many numbers: cache-sized on a CPU (2 MiB), few large kernel
-# launches on an accelerator (128 MiB)
-_CPU_CHUNK, _ACCELERATOR_CHUNK = 1 << 19, 1 << 25
+# per-sample gradients are built in chunks of about this many numbers: about cache-sized on a CPU (8 MiB; measured on
+# the reduced ResNet-18, 2 to 16 MiB are within 10%), few large kernel launches on an accelerator (128 MiB)
+_CPU_CHUNK, _ACCELERATOR_CHUNK = 1 << 21, 1 << 25
 # on a CPU a batch is processed in parts whose largest layer output takes about this many bytes (measured on a first
 # part of _FIRST_PART samples)
 _CPU_PART_BYTES, _FIRST_PART = 8 << 20, 16
