@@ -31,7 +31,6 @@ import json
 import os
 import pickle
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from src.config import ROOT, compose_config
+from src.continual.task_loop import peak_memory_mb
 
 RESULTS_DIR = ROOT / "experiments" / "benchmarks" / "results"
 TARGETS = {  # issue 7: the ratios the framework must meet, measured in one run
@@ -247,8 +247,8 @@ def bench_main_job(overrides: list[str], tmp: Path) -> dict:
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise RuntimeError(f"the main job failed:\n{proc.stderr[-3000:]}")
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    timing = json.loads((run_dir / "results.json").read_text())["timing_s"]
+    results = json.loads((run_dir / "results.json").read_text())
+    timing, peak_rss_mb = results["timing_s"], results["peak_memory_mb"]["rss"]
     parts = {"startup (before the task loop)": timing["startup"], "train": timing["train"], "fisher (task end)": timing["task_end"],
              "evaluation": timing["eval"], "checkpoints": timing["checkpoint"]}
     parts["other (logging, plots, results, exit)"] = wall - sum(parts.values())
@@ -257,7 +257,7 @@ def bench_main_job(overrides: list[str], tmp: Path) -> dict:
         "startup_detail_s": {"python + imports (measured apart)": imports,
                              "data loading left after the imports": timing["data"]},
         "train_share": timing["train"] / wall, "first_step_s": timing["first_step"], "peak_rss_mb": peak_rss_mb,
-        "steps": sum(json.loads((run_dir / "results.json").read_text())["steps_per_task"]),
+        "steps": sum(results["steps_per_task"]),
     }
 
 
@@ -340,9 +340,8 @@ def bench_preset(name: str, extra: list[str], rounds: int, steps: int, main_job:
     if main_job:
         result["main_job"] = bench_main_job(extra, tmp)
         result["ratios"]["main_job_train_share"] = result["main_job"]["train_share"]
-    result["peak_rss_mb_bench_process"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    if device.type == "cuda":
-        result["gpu_peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    peak = peak_memory_mb()
+    result["peak_rss_mb_bench_process"], result["gpu_peak_memory_mb"] = peak["rss"], peak["gpu"]
     return result
 
 
@@ -410,7 +409,9 @@ def render(result: dict) -> str:
         detail = ", ".join(f"{k} {v:.2f}" for k, v in job["startup_detail_s"].items())
         lines.append(f"Main job `{job['command'].strip()}`: {job['wall_s']:.2f} s wall for {job['steps']} steps "
                      f"— {parts} (start-up includes {detail}); peak RSS {job['peak_rss_mb']:.0f} MB.")
-    lines.append(f"Peak RSS of the benchmark process: {result['peak_rss_mb_bench_process']:.0f} MB.")
+    gpu = result.get("gpu_peak_memory_mb")
+    lines.append(f"Peak RSS of the benchmark process: {result['peak_rss_mb_bench_process']:.0f} MB"
+                 + (f"; GPU memory allocated at peak: {gpu:.0f} MB." if gpu else "."))
     return "\n".join(lines)
 
 

@@ -30,6 +30,20 @@ class ResumeError(RuntimeError):
     pass
 
 
+def peak_memory_mb() -> dict:
+    """This process's peak resident memory (Linux's VmHWM: `ru_maxrss` would count the parent's memory from before
+    `exec`) and, on a GPU, the peak of PyTorch's allocations."""
+    peak = {"rss": None, "gpu": None}
+    try:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmHWM:"))
+        peak["rss"] = int(line.split()[1]) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        peak["gpu"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux; None elsewhere): start-up includes the interpreter and imports.
     Both clocks count from boot in 10 ms ticks (/proc/stat's wall-clock boot time has only 1 s resolution)."""
@@ -89,6 +103,7 @@ class TaskLoop:
             "timing_s": {"startup": process_age(), "first_step": None, "data": None,
                          "train": 0.0, "task_end": 0.0, "eval": 0.0, "checkpoint": 0.0},
             "wall_time_s": None,
+            "peak_memory_mb": None,  # {"rss": resident memory, "gpu": PyTorch's GPU allocations}, peaks so far
         }
 
     # ---- one evaluation: accuracy on every task ------------------------------------------------------------------
@@ -245,6 +260,7 @@ class TaskLoop:
     def _write(self) -> None:
         if self.trainer.is_global_zero:
             self.results["wall_time_s"] = time.perf_counter() - self.started
+            self.results["peak_memory_mb"] = peak_memory_mb()
             write_json_atomic(self.run_dir / "results.json", self.results)
 
     def _finish(self) -> None:
