@@ -461,7 +461,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result["command"] = "python -m src.bench " + " ".join(sys.argv[1:] if argv is None else argv)
         host = "gpu-" + result["machine"]["gpu"].split()[-1] if result["machine"]["gpu"] else "cpu"
         args.out.mkdir(parents=True, exist_ok=True)
-        out = args.out / f"{name}-{host}-{result['machine']['cores']}cores.json"
+        variant = "".join(c if c.isalnum() or c in "=." else "_" for c in "_".join(args.overrides))[:80]
+        out = args.out / f"{name}-{host}-{result['machine']['cores']}cores{'-' + variant if variant else ''}.json"
         from src.continual.results import write_json_atomic
 
         write_json_atomic(out, result)
