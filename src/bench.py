@@ -428,7 +428,8 @@ def write_results_md(results_dir: Path, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m src.bench", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--preset", choices=[*PRESETS, "all"], default="mlp")
     parser.add_argument("--rounds", type=int, help="interleaved measurements per contender (default: the preset's)")
     parser.add_argument("--steps", type=int, help="steps per measurement (0: one epoch of the task; default: the "
