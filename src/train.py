@@ -109,8 +109,9 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
     backbone = instantiate(cfg.model, input_shape=datamodule.input_shape)
     module = ContinualModule(
         backbone, scenario, instantiate(cfg.method), optimizer=instantiate(cfg.optimizer),
-        reset_optimizer=cfg.reset_optimizer,
+        reset_optimizer=cfg.reset_optimizer, steps_per_batch=cfg.get("steps_per_batch", 1),
     )
+    datamodule.steps_per_batch = module.steps_per_batch
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
