@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from src.data.loader import TensorBatchLoader
-from tests.helpers import ROOT, SYNTHETIC, build_loop, run_train
+from tests.helpers import ROOT, SYNTHETIC, build_loop, read_results, run_train
 
 METHODS = [m for m in ("finetune", "ewc", "lwf") if (ROOT / "conf" / "method" / f"{m}.yaml").exists()]
 # dropout makes the RNG state matter; 180 training samples per task in batches of 16 = 12 steps per pass (the last
@@ -103,3 +103,14 @@ def test_train_metrics_are_logged_at_the_same_optimizer_steps(tmp_path):
     assert [int(row["step"]) for row in train_rows] == list(range(4, 95, 5))  # every 5th optimizer step, 0-based
     assert all(row["train/kd"] and row["train/task_loss"] for row in train_rows)
     assert superbatched == reference
+
+
+def test_non_finite_loss_is_caught_and_never_checkpointed(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, *SYNTHETIC, "method._target_=tests.helpers.NaNAtTask", "trainer.max_steps=6",
+                     "checkpoint.every_n_steps=1", "logger=none", "steps_per_batch=4", check=False)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "in task 2 at step" in proc.stderr.strip().splitlines()[-1]
+    assert read_results(run_dir)["status"] == "failed"
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["continual"]["task"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
