@@ -114,3 +114,44 @@ def test_non_finite_loss_is_caught_and_never_checkpointed(tmp_path):
     assert read_results(run_dir)["status"] == "failed"
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["continual"]["task"] == 1 and all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_ddp_with_steps_per_batch_equals_k1(tmp_path):
+    """Two gloo processes: every step of a superbatch all-reduces its gradients (Lightning prepares DDP's reducer
+    at each `manual_backward`), so both ranks hold the weights of a K = 1 DDP run after every task."""
+    from tests.test_ddp import PROTOCOL
+
+    protocol = [o for o in PROTOCOL if not o.startswith("trainer.max_steps=")] + ["trainer.max_steps=7"]
+    common = ("trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "method=ewc", "deterministic=true",
+              *protocol)
+    for k in (1, 4):
+        run_train(tmp_path / f"k{k}", *common, f"steps_per_batch={k}", "+callbacks.rank_state._target_=tests.test_ddp.RankState",
+                  f"+callbacks.rank_state.folder={tmp_path}/ranks{k}")
+    assert read_results(tmp_path / "k4")["acc_matrix"] == read_results(tmp_path / "k1")["acc_matrix"]
+    assert read_results(tmp_path / "k4")["steps_per_task"] == [7, 7, 7]
+    for dump in sorted((tmp_path / "ranks1").glob("*.pt")):
+        reference = torch.load(dump, weights_only=False)["weights"]
+        for rank in ("rank0", "rank1"):
+            other = torch.load(tmp_path / "ranks4" / dump.name.replace("rank0", rank).replace("rank1", rank),
+                               weights_only=False)["weights"]
+            assert all(torch.equal(reference[k], other[k]) for k in reference), (dump.name, rank)
+
+
+def test_resume_must_use_the_same_steps_per_batch(tmp_path):
+    """A run continues with the K it was made with; a run made before the key existed was made with K = 1."""
+    from omegaconf import OmegaConf
+
+    from src.continual.validate import ConfigError
+    from src.train import checkpoint_to_resume
+    from tests.helpers import compose_config
+
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    last.write_bytes(b"")
+    saved = OmegaConf.to_container(compose_config(*SYNTHETIC, run_dir=run_dir), resolve=True)
+    del saved["steps_per_batch"]
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(saved))
+    assert checkpoint_to_resume(compose_config(*SYNTHETIC, f"resume={run_dir}", run_dir=run_dir)) == last
+    with pytest.raises(ConfigError, match="steps_per_batch=1.*steps_per_batch=8"):
+        checkpoint_to_resume(compose_config(*SYNTHETIC, f"resume={run_dir}", "steps_per_batch=8", run_dir=run_dir))
