@@ -133,7 +133,16 @@ class BareLoop:
             yield tuple(b.to(self.device, non_blocking=True) for b in batch)
 
     def epoch(self, steps: int) -> int:
-        """One pass over the task (`steps` = 0) or exactly `steps` steps, over as many passes as that takes."""
+        """One pass over the task (`steps` = 0) or exactly `steps` steps, over as many passes as that takes.
+        One batch per step whatever `steps_per_batch` the framework runs with (the DataModule's setting decides
+        both the loader's superbatches and their split after the transfer)."""
+        framework_k, self.dm.steps_per_batch = self.dm.steps_per_batch, 1
+        try:
+            return self._epoch(steps)
+        finally:
+            self.dm.steps_per_batch = framework_k
+
+    def _epoch(self, steps: int) -> int:
         self.model.train()
         if self.reset_optimizer:
             self.optimizer = self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
@@ -334,7 +343,7 @@ def bench_preset(name: str, extra: list[str], rounds: int, steps: int, main_job:
         },
         "eval_samples_per_s": {k: n_eval / statistics.median(v) for k, v in eval_times.items()},
     }
-    epoch_s = statistics.median(times["finetune"]) * (len(loops["ewc"].dm.train_dataloader()) / n_steps)
+    epoch_s = statistics.median(times["finetune"]) * (loops["ewc"].dm.train_dataloader().steps_per_pass() / n_steps)
     result["fisher"] = bench_fisher(loops["ewc"], epoch_s, reference_samples, fisher_samples)
     result["ratios"]["fisher_vs_epoch"] = result["fisher"]["fisher_vs_epoch"]
     if main_job:

@@ -50,6 +50,9 @@ OmegaConf.register_new_resolver("resume_or", lambda resume, default: str(resume)
 # What may differ between a run and its continuation: where things are written, how often it checkpoints.
 MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "paths", "logger", "callbacks", "checkpoint", "save_checkpoints",
                         "trainer.default_root_dir")
+# Keys added after runs may have been started, with the value that reproduces those runs: a run folder whose
+# config.yaml lacks one was made with that value (so it can still be resumed).
+ADDED_KEYS = {"steps_per_batch": 1}
 
 
 def _flatten(tree, prefix=""):
@@ -71,7 +74,7 @@ def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
         raise ConfigError(f"{key}={cfg[key]!r} is invalid: {source} is not a run folder (it has no config.yaml)")
     if not ckpt.is_file():
         raise ConfigError(f"{key}={cfg[key]!r} is invalid: there is no checkpoint {ckpt} (nothing to continue from)")
-    before = dict(_flatten(OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))))
+    before = {**ADDED_KEYS, **dict(_flatten(OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))))}
     now = dict(_flatten(OmegaConf.to_container(cfg, resolve=True)))
     for name in sorted(before.keys() | now.keys()):
         if any(name == k or name.startswith(k + ".") for k in MAY_DIFFER_ON_RESUME):
@@ -109,8 +112,9 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
     backbone = instantiate(cfg.model, input_shape=datamodule.input_shape)
     module = ContinualModule(
         backbone, scenario, instantiate(cfg.method), optimizer=instantiate(cfg.optimizer),
-        reset_optimizer=cfg.reset_optimizer,
+        reset_optimizer=cfg.reset_optimizer, steps_per_batch=cfg.get("steps_per_batch", 1),
     )
+    datamodule.steps_per_batch = module.steps_per_batch
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)

@@ -27,7 +27,7 @@ class CrashAtStep(L.Callback):
         self.step = step
 
     def on_train_batch_end(self, trainer, module, *args):
-        if trainer.global_step == self.step:
+        if trainer.global_step >= self.step:  # a batch takes several steps with steps_per_batch > 1
             raise RuntimeError("simulated crash")
 
 
@@ -78,6 +78,29 @@ def test_resume_mid_task_by_steps(tmp_path, step):
 def test_resume_mid_task_by_epochs(tmp_path, step):
     phase = crash_and_resume(tmp_path, ["trainer.max_epochs=2"], CrashAtStep(step))
     assert phase == "training"
+
+
+# steps_per_batch = K: a batch takes up to K steps, so the global step jumps, checkpoints are taken where it crosses
+# a multiple of every_n_steps (2 here), and the crash comes after the first batch that reaches the step given
+@pytest.mark.parametrize(("k", "length", "step"), [
+    (5, "trainer.max_steps=19", 10),   # task 0, first pass; steps 5, 10 | 12 | 17, 19
+    (5, "trainer.max_steps=19", 30),   # task 1 (19-38): resumes from step 31, the end of its first pass
+    (8, "trainer.max_steps=19", 70),   # task 3 (57-76): resumes from 76, its last batch (7 steps, cut by the budget)
+    (5, "trainer.max_epochs=2", 17),   # task 0, epoch 2: steps 17, 22, 24
+    (8, "trainer.max_epochs=2", 45),   # task 1's last batch (48, an epoch's last: no checkpoint): resumes from 44
+])
+def test_resume_mid_task_with_steps_per_batch(tmp_path, k, length, step):
+    overrides = [length, "method=lwf", f"steps_per_batch={k}"]
+    assert crash_and_resume(tmp_path, overrides, CrashAtStep(step)) == "training"
+    one_step_per_batch = build_loop(tmp_path / "k1", *COMMON, length, "method=lwf")  # K-invariant
+    assert_same_run(one_step_per_batch.run(), read_results(tmp_path / "ref" / "run"), one_step_per_batch.run_dir,
+                    tmp_path / "ref" / "run")
+
+
+def test_resume_with_steps_per_batch_and_augmentation_is_exact(tmp_path):
+    augment = ("+dataset.augment._target_=src.data.augment.RandomCropFlip", "+dataset.augment.padding=1")
+    overrides = ["trainer.max_steps=19", "steps_per_batch=5", *augment]
+    assert crash_and_resume(tmp_path, overrides, CrashAtStep(27)) == "training"  # resumes at step 29, in task 1
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -51,17 +51,22 @@ def link_atomic(target: Path, link: Path) -> None:
 
 
 class StepCheckpoint(L.Callback):
-    """Save `last.ckpt` every `every_n_steps` optimizer steps, in the middle of tasks."""
-
+    """Save `last.ckpt` every `every_n_steps` optimizer steps, in the middle of tasks: after the batch whose steps
+    reach or cross a multiple of N (a batch takes several steps with steps_per_batch > 1)."""
 
     def __init__(self, path: Path, every_n_steps: int):
         self.path, self.every_n_steps = Path(path), every_n_steps
+        self._step_before = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_before = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         # Not on an epoch's last batch: Lightning (2.6) restores such a checkpoint one epoch too far on, so a
         # resumed run would skip an epoch. The previous checkpoint (or the next one) serves instead.
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return
-        if trainer.global_step % self.every_n_steps == 0:
+        before = trainer.global_step - 1 if self._step_before is None else self._step_before
+        if trainer.global_step // self.every_n_steps > before // self.every_n_steps:
             pl_module.loop_state["phase"] = "training"
             save_atomic(trainer, self.path)

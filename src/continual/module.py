@@ -34,8 +34,13 @@ class ContinualModule(L.LightningModule):
         regularizer: Regularizer,
         optimizer,
         reset_optimizer: bool = True,
+        steps_per_batch: int = 1,
     ):
         super().__init__()
+        # K > 1: each training batch is a list of K (or fewer) steps' batches, run here with manual optimisation so
+        # that Lightning's per-batch overhead is paid once per K optimizer steps (docs/speed.md)
+        self.steps_per_batch = steps_per_batch
+        self.automatic_optimization = steps_per_batch == 1
         self.backbone = backbone
         self.head = nn.Linear(backbone.out_features, scenario.n_outputs)
         self.scenario, self.regularizer = scenario, regularizer
@@ -69,6 +74,19 @@ class ContinualModule(L.LightningModule):
             self.first_step_at = time.time()
 
     def training_step(self, batch, batch_idx):
+        if not self.automatic_optimization:
+            return self._training_steps(batch)
+        terms, task_loss = self._loss_terms(batch)
+        # Lightning's `log` costs about as much as the MLP's whole step, so log only on the steps the loggers write.
+        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self.check_finite()
+            if "task_loss" not in terms:
+                terms = {**terms, "task_loss": task_loss}
+            self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, on_step=True,
+                          on_epoch=False, prog_bar=True)
+        return terms["loss"]
+
+    def _loss_terms(self, batch):
         x, labels, task_ids = batch
         logits = self(x)
         view, targets = self.scenario.train_view(logits, labels, task_ids, self.current_task)
@@ -78,14 +96,33 @@ class ContinualModule(L.LightningModule):
         # and before any checkpoint: checking every step would make a GPU wait for each step before queuing the next.
         bad = ~torch.isfinite(terms["loss"].detach())
         self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
-        # Lightning's `log` costs about as much as the MLP's whole step, so log only on the steps the loggers write.
-        if (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self.check_finite()
-            if "task_loss" not in terms:
-                terms = {**terms, "task_loss": task_loss}
-            self.log_dict({f"train/{name}": value.detach() for name, value in terms.items()}, on_step=True,
-                          on_epoch=False, prog_bar=True)
-        return terms["loss"]
+        return terms, task_loss
+
+    def _training_steps(self, batches) -> None:
+        """steps_per_batch > 1: one optimizer step per batch of the list, as automatic optimisation would take them
+        (forward and loss, zero_grad, backward, step); `global_step` counts each step."""
+        optimizer = self.optimizers()
+        every = self.trainer.log_every_n_steps
+        for batch in batches:
+            terms, task_loss = self._loss_terms(batch)
+            optimizer.zero_grad()
+            self.manual_backward(terms["loss"])
+            optimizer.step()
+            if every and self.global_step % every == 0:
+                self.check_finite()
+                if "task_loss" not in terms:
+                    terms = {**terms, "task_loss": task_loss}
+                self._log_train(terms)
+
+    def _log_train(self, terms: dict) -> None:
+        """Write the train terms as automatic optimisation does (Lightning's own logging counts batches, not steps,
+        under manual optimisation): at the step that has just been taken, numbered from 0 as Lightning numbers it,
+        with the epoch; and show them on the progress bar."""
+        values = {f"train/{name}": float(value.detach()) for name, value in terms.items()}
+        for logger in self.trainer.loggers:
+            logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step - 1)
+            logger.save()
+        self.log_dict(values, on_step=True, on_epoch=False, prog_bar=True, logger=False)
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory([p for p in self.parameters() if p.requires_grad])

@@ -56,6 +56,14 @@ def validate_config(cfg: DictConfig) -> None:
     _check(isinstance(val, (int, float)) and 0.0 <= val < 1.0, "dataset.val_fraction", val, "a number in [0, 1)")
     on_device = data.get("data_on_device", "auto")
     _check(on_device in (True, False, "auto"), "dataset.data_on_device", on_device, "one of auto, true, false")
+    k = cfg.get("steps_per_batch", 1)
+    _check(isinstance(k, int) and not isinstance(k, bool) and k >= 1, "steps_per_batch", k, "an integer >= 1")
+    if k > 1:  # manual optimisation: Lightning forbids both
+        clip = trainer.get("gradient_clip_val", None)
+        _check(clip is None, "trainer.gradient_clip_val", clip, f"null when steps_per_batch > 1 (it is {k})")
+        accumulate = trainer.get("accumulate_grad_batches", 1)
+        _check(accumulate == 1, "trainer.accumulate_grad_batches", accumulate,
+               f"1 when steps_per_batch > 1 (it is {k})")
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     _check(isinstance(every, int) and every >= 0, "checkpoint.every_n_steps", every, "an integer >= 0 (0: off)")
 

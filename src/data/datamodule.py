@@ -37,6 +37,9 @@ class TaskSequenceDataModule(L.LightningDataModule):
         self.current_task = 0
         self.train_tasks: list[int] = [0]
         self.task_start_step = 0  # the trainer's global step when the current task started (set by the task loop)
+        # K > 1: training batches are superbatches of up to K optimizer steps (set from the top-level
+        # `steps_per_batch` by build_task_loop); after the transfer they are lists of the steps' batches
+        self.steps_per_batch = 1
         self.eval_split = "test"  # what `test_dataloader` serves: "test", or "val" (carved from train)
         self._norm_cache: dict = {}
 
@@ -114,6 +117,9 @@ class TaskSequenceDataModule(L.LightningDataModule):
         if trainer is not None:  # the next batch follows from the optimizer steps done in this task
             start = self.task_start_step
             loader.position_source = lambda: (trainer.global_step - start) * trainer.accumulate_grad_batches
+            if self.steps_per_batch > 1:
+                loader.steps_per_batch = self.steps_per_batch
+                loader.budget_source = lambda: _steps_left(trainer)
         return loader
 
     def test_dataloader(self):
@@ -146,11 +152,22 @@ class TaskSequenceDataModule(L.LightningDataModule):
 
     # ---- on the device -------------------------------------------------------------------------------------------
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """uint8 → normalised float in one fused pass on the training device, then the task's own transform."""
+        """uint8 → normalised float in one fused pass on the training device, then the task's own transform.
+
+        A training superbatch (steps_per_batch > 1) becomes the list of its steps' batches, each cut at `batch_size`
+        (the last of a pass may be smaller) and prepared exactly as it would be on its own at its step."""
+        training = self.trainer is not None and self.trainer.training
+        if training and self.steps_per_batch > 1:
+            step = self.trainer.global_step
+            return [self._prepare(part, step + i) for i, part in enumerate(zip(*(b.split(self.batch_size) for b in batch),
+                                                                              strict=True))]
+        return self._prepare(batch, self.trainer.global_step if training else None)
+
+    def _prepare(self, batch, global_step: int | None):
         x, y, task_ids = batch
-        if self.augment is not None and self.trainer is not None and self.trainer.training:
+        if self.augment is not None and global_step is not None:
             # the draws of a training step depend only on (seed, task, step in the task), as the batch order does
-            step = self.trainer.global_step - self.task_start_step
+            step = global_step - self.task_start_step
             self.augment.reseed(hash((self.augment.seed, self.current_task, step)) % 2**62)
             x = self.augment(x)
         key = (x.device, x.shape[1])
@@ -161,3 +178,9 @@ class TaskSequenceDataModule(L.LightningDataModule):
         scale, shift = self._norm_cache[key]
         x = torch.addcmul(shift, x.float(), scale)
         return self.tasks.batch_transform(x, task_ids), y, task_ids
+
+
+def _steps_left(trainer) -> int | None:
+    """Optimizer steps the trainer may still take in this fit (None: limited by epochs only)."""
+    max_steps = trainer.fit_loop.epoch_loop.max_steps
+    return max_steps - trainer.global_step if max_steps is not None and max_steps >= 0 else None

@@ -25,6 +25,8 @@ class TensorBatchLoader:
         rank: int = 0,
         world_size: int = 1,
         position_source=None,
+        steps_per_batch: int = 1,
+        budget_source=None,
     ):
         self.images, self.index, self.labels, self.task_ids = images, index, labels, task_ids
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
@@ -35,6 +37,11 @@ class TensorBatchLoader:
         # starts a new permutation. Neither depends on Lightning's epoch counter, iterators it creates and drops,
         # or whether the run was resumed from a checkpoint in the middle of an epoch.
         self.position_source, self.passes = position_source, 0
+        # Training with steps_per_batch = K > 1: each item is a superbatch, the images of up to K consecutive steps
+        # in one gather (the DataModule splits it back into steps of `batch_size`). Groups are K-aligned within a
+        # pass, never cross the end of a pass, and never exceed `budget_source()` (the optimizer steps the trainer
+        # may still take in this task; None: no limit), so the positions above stay counted in optimizer steps.
+        self.steps_per_batch, self.budget_source = steps_per_batch, budget_source
 
     def _shard_size(self) -> int:
         n = len(self.index)
@@ -42,15 +49,21 @@ class TensorBatchLoader:
             return n // self.world_size
         return len(range(self.rank, n, self.world_size))
 
-    def __len__(self) -> int:
+    def steps_per_pass(self) -> int:
         return math.ceil(self._shard_size() / self.batch_size)
+
+    def __len__(self) -> int:
+        """Items per pass: steps, or superbatches of up to `steps_per_batch` steps when training with K > 1."""
+        steps = self.steps_per_pass()
+        return math.ceil(steps / self.steps_per_batch) if self.shuffle else steps
 
     def __iter__(self):
         n = len(self.index)
         skip = 0
         if self.shuffle:
-            position = self.position_source() if self.position_source is not None else self.passes * len(self)
-            permutation, skip = divmod(position, len(self))
+            steps = self.steps_per_pass()
+            position = self.position_source() if self.position_source is not None else self.passes * steps
+            permutation, skip = divmod(position, steps)
             self.passes = permutation + 1
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + permutation)
             order = torch.randperm(n, generator=generator)[: self._shard_size() * self.world_size]
@@ -60,6 +73,22 @@ class TensorBatchLoader:
         # one gather per pass for the index, labels and task ids, so that a batch costs one gather (of its images)
         # and two views: on a GPU every small op is a kernel launch, on a CPU a wake-up of the thread pool
         index, labels, task_ids = self.index[order], self.labels[order], self.task_ids[order]
+        if self.shuffle and self.steps_per_batch > 1:
+            yield from self._superbatches(index, labels, task_ids, skip)
+            return
         for start in range(skip * self.batch_size, len(order), self.batch_size):
             stop = start + self.batch_size
             yield self.images.index_select(0, index[start:stop]), labels[start:stop], task_ids[start:stop]
+
+    def _superbatches(self, index, labels, task_ids, skip: int):
+        k, bs, n, steps = self.steps_per_batch, self.batch_size, len(index), self.steps_per_pass()
+        budget = self.budget_source() if self.budget_source is not None else None
+        step = skip
+        while step < steps:
+            end = min((step // k + 1) * k, steps)
+            if budget is not None and budget > 0:  # the task's last superbatch ends exactly at its last step
+                end = min(end, step + budget)
+                budget -= end - step
+            start, stop = step * bs, min(end * bs, n)
+            yield self.images.index_select(0, index[start:stop]), labels[start:stop], task_ids[start:stop]
+            step = end
