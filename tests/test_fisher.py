@@ -52,15 +52,9 @@ def make_batches(n=24, shape=(1, 8, 8), n_tasks=3, batch_size=10, seed=0, dtype=
             for i in range(0, n, batch_size)]
 
 
-def make_model(name, shape=(1, 8, 8), n_outputs=6, seed=0):
-    torch.manual_seed(seed)
-    backbone = {"mlp": lambda: MLP(shape, hidden=(16, 12)),
-                "conv": lambda: ConvNet(shape, channels=(4, 6), batch_norm=True),
-                # a wide last layer on a 2×2 map: it takes the position-pairs path of the conv Fisher
-                "wideconv": lambda: ConvNet(shape, channels=(16, 128), batch_norm=True),
-                "odd": lambda: OddLayers(shape)}[name]()
-    model = Net(backbone, n_outputs).double()
-    with torch.no_grad():  # non-trivial BatchNorm statistics and affine parameters, so eval mode matters
+def randomise_batchnorm(model: nn.Module) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters, so that eval mode matters."""
+    with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
@@ -68,6 +62,16 @@ def make_model(name, shape=(1, 8, 8), n_outputs=6, seed=0):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     return model
+
+
+def make_model(name, shape=(1, 8, 8), n_outputs=6, seed=0):
+    torch.manual_seed(seed)
+    backbone = {"mlp": lambda: MLP(shape, hidden=(16, 12)),
+                "conv": lambda: ConvNet(shape, channels=(4, 6), batch_norm=True),
+                # a wide last layer on a 2×2 map: it takes the position-pairs path of the conv Fisher
+                "wideconv": lambda: ConvNet(shape, channels=(16, 128), batch_norm=True),
+                "odd": lambda: OddLayers(shape)}[name]()
+    return randomise_batchnorm(Net(backbone, n_outputs).double())
 
 
 def task_view(logits, batch):
@@ -279,14 +283,7 @@ def test_conv_fast_path_and_batch_parts_equal_per_sample_loop(kind, view, parts,
         monkeypatch.setattr(fisher_module, "_CPU_PART_BYTES", 1)
     shape = (2, 9, 9)
     torch.manual_seed(0)
-    model = Net(ConvVariety(shape), 6).double()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
+    model = randomise_batchnorm(Net(ConvVariety(shape), 6).double())
     batches = make_batches(shape=shape)
     sampled = draw_labels(model, batches, view, seed=3) if kind == "sample" else None
     fast, n = fisher_diagonal(model, batches, kind, output_fn=view, generator=torch.Generator().manual_seed(3))
