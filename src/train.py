@@ -162,4 +162,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from src.continual.overrides import explain_composition_errors
+
+    explain_composition_errors(main)  # a misspelled key or option: one line naming the key meant, exit 2
     main()
