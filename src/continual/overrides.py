@@ -55,7 +55,7 @@ def _overrides_on_command_line() -> list:
 
 def _given(overrides, key: str, fallback: str) -> str:
     """How the command line wrote `key=value` (the value as typed), else `fallback`."""
-    for override in overrides:
+    for override in reversed(overrides):  # the last one wins, as in Hydra
         if override.key_or_group == key:
             return override.input_line.lstrip("+~")
     return fallback

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.data.download import DatasetError, find_or_download, verify_md5
+from src.data.download import DatasetError, files_to_fetch, find_or_download, verify_md5
 from src.data.source import ImageData
 
 OFFICIAL_URL = "https://www.cs.toronto.edu/~kriz"
@@ -89,6 +89,15 @@ class _CIFAR:
 
     def _complete(self) -> bool:
         return all((self.folder_path / name).is_file() for name in (*self.train_files, *self.test_files))
+
+    def files_to_download(self) -> list[Path]:
+        """What `load()` would write into `root` (a stat each, for the config check): the archive when it must be
+        downloaded, else the folder extracted from it when that is incomplete."""
+        if self._complete():
+            return []
+        if not files_to_fetch([self.archive], [self.root], self.root):
+            return [self.folder_path]
+        return [self.root / self.archive] if self.url else []
 
     def _fetch_and_extract(self) -> None:
         try:

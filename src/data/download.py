@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 from pathlib import Path
 
 from torch.hub import download_url_to_file
+
+log = logging.getLogger(__name__)
 
 
 class DatasetError(RuntimeError):
@@ -54,16 +57,22 @@ def find_or_download(
     reported, not deleted (it may be a system copy); a bad file in `download_dir` is ours, so it is deleted and
     fetched again, and a bad fresh download is deleted before the error is raised.
     """
-    problems = []
+    problems, ours = [], []
     for folder in search_dirs:
         path = Path(folder) / filename
-        if path.is_file():
+        if _is_file(path):
             try:
-                return verify(path)
+                found = verify(path)
             except DatasetError as err:
                 problems.append(str(err))
                 if Path(folder).resolve() == Path(download_dir).resolve():
-                    os.remove(path)  # our own earlier download: remove it so that it is fetched again
+                    ours.append(path)
+                continue
+            for problem in problems:  # the user would otherwise never learn that their copy is broken
+                log.warning("%s; using %s instead", problem, path)
+            return found
+    for path in ours:  # our own earlier download: removed so that it is fetched again
+        os.remove(path)
     if base_url is None:
         looked = ", ".join(str(d) for d in search_dirs)
         extra = f" ({'; '.join(problems)})" if problems else ""
@@ -83,6 +92,20 @@ def find_or_download(
     except DatasetError:
         os.remove(target)
         raise
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # an unreadable folder on the way: nothing usable there
+        return False
+
+
+def files_to_fetch(filenames, search_dirs: list[Path], download_dir: Path) -> list[Path]:
+    """Where `find_or_download` would download each of `filenames` that no folder holds (a stat each; nothing is
+    read), so that a data folder that cannot take them is refused before any loading starts."""
+    return [Path(download_dir) / name for name in filenames
+            if not any(_is_file(Path(folder) / name) for folder in search_dirs)]
 
 
 def md5_file(path: Path, chunk_size: int = 1 << 20) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src.data.download import DatasetError, find_or_download, read_gz_verified
+from src.data.download import DatasetError, files_to_fetch, find_or_download, read_gz_verified
 from src.data.idx import parse_idx
 from src.data.source import ImageData
 
@@ -22,7 +22,16 @@ CONTENT_SHA256 = {
     "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
 }
 
+FILES = tuple(CONTENT_SHA256)
+
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def idx_files_to_download(folder_name: str, root: str, system_dir: str | None, url: str | None) -> list[Path]:
+    """The IDX files `load_idx_files` would download (none when there is no `url` to download from)."""
+    download_dir = Path(root) / folder_name
+    search = [download_dir] + ([Path(system_dir)] if system_dir else [])
+    return files_to_fetch(FILES, search, download_dir) if url else []
 
 
 def load_idx_files(
@@ -68,6 +77,9 @@ class FashionMNIST:
         verify_checksums: bool = True,
     ):
         self.root, self.system_dir, self.url, self.verify_checksums = root, system_dir, url, verify_checksums
+
+    def files_to_download(self) -> list[Path]:
+        return idx_files_to_download("fashion-mnist", self.root, self.system_dir, self.url)
 
     def load(self) -> ImageData:
         (train_x, train_y), (test_x, test_y) = load_idx_files(

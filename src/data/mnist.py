@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from src.data.download import DatasetError, find_or_download, read_gz_verified, verify_md5
+from src.data.download import DatasetError, files_to_fetch, find_or_download, read_gz_verified, verify_md5
 from src.data.idx import parse_idx
 from src.data.source import ImageData
 
@@ -46,6 +46,12 @@ class MNIST:
     ):
         self.root, self.system_dir, self.url = root, system_dir, url
         self.md5 = dict(OFFICIAL_MD5 if md5 is None else md5) if verify_checksums else None
+
+    def files_to_download(self) -> list[Path]:
+        """The files `load()` would download (a stat each, for the config check)."""
+        download_dir = Path(self.root) / FOLDER
+        search = [download_dir] + ([Path(self.system_dir)] if self.system_dir else [])
+        return files_to_fetch(OFFICIAL_MD5, search, download_dir) if self.url else []
 
     def _load_file(self, filename: str):
         download_dir = Path(self.root) / FOLDER
