@@ -2,13 +2,34 @@
 result files are written atomically; runs are deterministic under a seed."""
 
 import json
+import logging
+import os
+import subprocess
+import sys
+import zipfile
 
 import pytest
 import torch
 
+import src.continual.validate as validate
 from src.continual.results import write_json_atomic
 from src.continual.validate import ConfigError, validate_config
-from tests.helpers import FMNIST_SYSTEM_DIR, ROOT, SYNTHETIC, build_loop, compose_config, read_results, run_train
+from tests.helpers import (FMNIST_SYSTEM_DIR, ROOT, SYNTHETIC, SyntheticSource, build_loop, compose_config,
+                           read_results, run_train)
+
+LOADING = "the dataset is being loaded"
+
+
+class SourceThatSaysWhenItLoads(SyntheticSource):
+    """A synthetic source that says so on stderr when its data are read: a refused run must never print it."""
+
+    def load(self):
+        print(LOADING, file=sys.stderr, flush=True)
+        return super().load()
+
+
+LOUD = ("dataset.source._target_=tests.test_validation.SourceThatSaysWhenItLoads",)
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 
 BAD = [
     (["method=ewc", "method.lambda=-1"], "method.lambda=-1"),
@@ -29,10 +50,54 @@ BAD = [
     (["dataset.data_on_device=maybe"], "dataset.data_on_device='maybe'"),
     (["scenario=class", "scenario.train_classes=new"], "scenario.train_classes='new'"),
     ([*SYNTHETIC, "model=convnet", "+dataset.source.shape=[64]"], "model=convnet"),
+    # seeds: numpy's (and so Lightning's) seeding takes [0, 2**32 - 1]
+    (["seed=abc"], "seed='abc' is invalid: an integer in [0, 4294967295]"),
+    (["seed=-1"], "seed=-1 is invalid"),
+    (["seed=4294967296"], "seed=4294967296 is invalid"),
+    (["seed=true"], "seed=True is invalid"),
+    (["dataset.tasks.shuffle_seed=-3"], "dataset.tasks.shuffle_seed=-3 is invalid"),
+    # optimizer arguments: unknown keys from the class's signature, types from its defaults, ranges from torch itself
+    (["optimizer.lr=-0.1"], "optimizer.lr=-0.1 is invalid: a number >= 0 (torch.optim.Adam: Invalid learning rate"),
+    (["optimizer.lr=abc"], "optimizer.lr='abc' is invalid: a number"),
+    (["+optimizer.learning_rate=0.1"], "optimizer.learning_rate=0.1 is invalid: not an argument of torch.optim.Adam; "
+                                       "did you mean optimizer.lr?"),
+    (["+optimizer.weight_decy=0.1"], "did you mean optimizer.weight_decay?"),
+    (["optimizer.betas=[0.9,1.5]"], "optimizer.betas=[0.9, 1.5] is invalid: torch.optim.Adam refuses it (Invalid beta"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas=[0.9] is invalid: a list of 2 numbers"),
+    (["+optimizer.eps=-1"], "optimizer.eps=-1 is invalid: a number >= 0"),
+    (["+optimizer.amsgrad=3"], "optimizer.amsgrad=3 is invalid: true or false"),
+    (["optimizer=sgd", "optimizer.momentum=-0.5"], "optimizer.momentum=-0.5 is invalid: a number >= 0"),
+    (["optimizer=sgd", "+optimizer.nesterov=true"], "optimizer.nesterov=True is invalid: torch.optim.SGD refuses it "
+                                                    "(Nesterov momentum requires a momentum and zero dampening)"),
+    (["optimizer=sgd", "+optimizer.betas=[0.9,0.99]"], "optimizer.betas=[0.9, 0.99] is invalid: not an argument of "
+                                                       "torch.optim.SGD"),
+    # any torch optimizer, with no table of its arguments here
+    (["optimizer._target_=torch.optim.Adagrad", "~optimizer.betas", "optimizer.lr=-1"], "optimizer.lr=-1 is invalid"),
+    (["optimizer._target_=torch.optim.RMSprop", "~optimizer.betas", "+optimizer.alpha=-1"],
+     "optimizer.alpha=-1 is invalid: a number >= 0 (torch.optim.RMSprop"),
+    (["optimizer._target_=torch.optim.AdamW", "+optimizer.momentum=0.9"],
+     "optimizer.momentum=0.9 is invalid: not an argument of torch.optim.AdamW"),
+    (["optimizer._target_=torch.optim.Nope"], "optimizer._target_='torch.optim.Nope' is invalid"),
+    # keys added with + that the class does not take
+    (["method=ewc", "+method.lamda=1"], "method.lamda=1 is invalid: not a key of EWC; did you mean method.lambda?"),
+    (["method=lwf", "+method.alpa=1"], "method.alpa=1 is invalid: not an argument of src.methods.lwf.LwF; did you "
+                                       "mean method.alpha?"),
+    (["+dataset.tasks.n_task=3"], "dataset.tasks.n_task=3 is invalid: not an argument of src.data.tasks.ClassSplit; "
+                                  "did you mean dataset.tasks.n_tasks?"),
+    (["+dataset.source.rooot=x"], "did you mean dataset.source.root?"),
+    # accelerator and devices
+    (["trainer.accelerator=tpux"], "trainer.accelerator='tpux' is invalid: one of auto, cpu, gpu, cuda, mps, tpu"),
+    (["trainer.devices=0"], "trainer.devices=0 is invalid"),
+    (["trainer.devices=[0,1]"], "trainer.devices=[0, 1] is invalid: a number of processes >= 1 on CPU"),
+    pytest.param(["trainer=gpu"], "trainer.accelerator='gpu' is invalid: an accelerator this machine has", marks=NO_CUDA),
 ]
 
 
-@pytest.mark.parametrize("overrides, expected", BAD, ids=[b[1] for b in BAD])
+def _bad_id(case):
+    return " ".join(case.values[0] if hasattr(case, "values") else case[0])
+
+
+@pytest.mark.parametrize("overrides, expected", BAD, ids=[_bad_id(b) for b in BAD])
 def test_bad_value_is_one_line_naming_the_key(tmp_path, overrides, expected):
     if any(o.startswith("method=") and not (ROOT / "conf/method" / f"{o[7:]}.yaml").exists() for o in overrides):
         pytest.skip("method not available")
@@ -46,10 +111,178 @@ def test_valid_default_config_passes(tmp_path):
     validate_config(compose_config(run_dir=tmp_path))
 
 
-def test_unknown_group_option_lists_the_options(tmp_path):
-    proc = run_train(tmp_path / "run", "method=nope", check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'method/nope'" in proc.stderr and "finetune" in proc.stderr
+@pytest.mark.parametrize("optimizer", sorted(p.stem for p in (ROOT / "conf/optimizer").glob("*.yaml")))
+def test_every_optimizer_preset_passes(tmp_path, optimizer):
+    validate_config(compose_config(f"optimizer={optimizer}", run_dir=tmp_path))
+
+
+def test_gpu_count_is_checked_against_the_machine(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    validate.check_accelerator(compose_config("trainer=gpu", "trainer.devices=2", run_dir=tmp_path).trainer)
+    validate.check_accelerator(compose_config("trainer=gpu", "trainer.devices=[1]", run_dir=tmp_path).trainer)
+    for devices, expected in (("3", "at most the 2 GPU"), ("[0,2]", "GPU indices below 2")):
+        with pytest.raises(ConfigError, match=rf"^trainer\.devices=.* is invalid: {expected}"):
+            validate.check_accelerator(compose_config("trainer=gpu", f"trainer.devices={devices}",
+                                                      run_dir=tmp_path).trainer)
+
+
+def test_more_cpu_processes_than_cores_is_allowed_with_a_warning(tmp_path, monkeypatch, caplog):
+    """DDP on CPU with more processes than cores gives the same results, only slower: a warning, not an error."""
+    monkeypatch.setattr(validate, "_cpu_cores", lambda: 2)
+    with caplog.at_level(logging.WARNING, logger="src.continual.validate"):
+        validate.check_accelerator(compose_config("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=3",
+                                                  run_dir=tmp_path).trainer)
+    assert "trainer.devices=3 starts 3 processes on 2 CPU core(s)" in caplog.text
+
+
+# ---- checkpoints: torch checkpoints are zip archives, checked without unpickling them ----------------------------
+def _checkpoints(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    good = folder / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(100)}}, good)
+    data = good.read_bytes()
+    flipped = bytearray(data)
+    flipped[data.find(b"data.pkl") + 40] ^= 0xFF  # inside the pickle of the checkpoint's structure
+    (folder / "flipped.ckpt").write_bytes(bytes(flipped))
+    (folder / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (folder / "text.ckpt").write_text("not a checkpoint")
+    with zipfile.ZipFile(folder / "other.zip", "w") as archive:
+        archive.writestr("readme.txt", "a zip, not a checkpoint")
+    return good
+
+
+@pytest.mark.parametrize("name, reason", [("truncated.ckpt", "BadZipFile"), ("text.ckpt", "BadZipFile"),
+                                          ("flipped.ckpt", "Bad CRC-32"), ("other.zip", "without data.pkl")])
+def test_a_checkpoint_that_cannot_be_read_is_refused(tmp_path, name, reason):
+    good = _checkpoints(tmp_path / "ckpts")
+    validate.check_checkpoint(compose_config(f"ckpt_path={good}", run_dir=tmp_path / "run"))
+    bad = tmp_path / "ckpts" / name
+    with pytest.raises(ConfigError) as err:
+        validate.check_checkpoint(compose_config(f"ckpt_path={bad}", run_dir=tmp_path / "run"))
+    message = str(err.value)
+    assert message.startswith(f"ckpt_path='{bad}' is invalid: a") and reason in message and "\n" not in message
+
+
+def test_resume_checks_the_folders_last_checkpoint(tmp_path):
+    run = tmp_path / "previous"
+    _checkpoints(run / "checkpoints")
+    os.replace(run / "checkpoints" / "truncated.ckpt", run / "checkpoints" / "last.ckpt")
+    with pytest.raises(ConfigError, match=rf"^resume='{run}' is invalid: a readable torch checkpoint"):
+        validate.check_checkpoint(compose_config(f"resume={run}", run_dir=run))
+
+
+# ---- folders --------------------------------------------------------------------------------------------------------
+def _deny_writing_below(monkeypatch, folder):
+    """os.access as for a user who may not write under `folder` (the tests may run as root, who may write anywhere)."""
+    real = os.access
+
+    def access(path, mode, *args, **kwargs):
+        path = os.path.abspath(path)
+        inside = path == str(folder) or path.startswith(str(folder) + os.sep)
+        return False if inside and mode & os.W_OK else real(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(validate.os, "access", access)
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir='.*file/run' is invalid: a folder this user can write"):
+        validate.check_folders(compose_config(run_dir=tmp_path / "file" / "run"), None)
+    (tmp_path / "locked").mkdir()
+    _deny_writing_below(monkeypatch, tmp_path / "locked")
+    with pytest.raises(ConfigError, match=r"^hydra\.run\.dir=.* is invalid"):
+        validate.check_folders(compose_config(run_dir=tmp_path / "locked" / "run"), None)
+
+
+FMNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                "t10k-labels-idx1-ubyte.gz")
+
+
+def test_a_data_folder_must_be_readable_and_writable_only_when_it_must_take_a_download(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"^paths\.data_dir='.*file' is invalid: a folder this user can read"):
+        validate_config(compose_config(f"paths.data_dir={tmp_path / 'file'}", run_dir=tmp_path / "run"))
+    data_dir = tmp_path / "read-only"
+    data_dir.mkdir()
+    _deny_writing_below(monkeypatch, data_dir)
+    no_copy_elsewhere = (f"paths.data_dir={data_dir}", "dataset.source.system_dir=null")
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(*no_copy_elsewhere, run_dir=tmp_path / "run"))
+    assert str(err.value).startswith(f"paths.data_dir='{data_dir}' is invalid: a folder this user can write, since "
+                                     "train-images-idx3-ubyte.gz and 3 more must be written")
+    (data_dir / "fashion-mnist").mkdir()
+    for name in FMNIST_FILES:
+        (data_dir / "fashion-mnist" / name).write_bytes(b"")  # present: nothing to download, read-only is fine
+    validate_config(compose_config(*no_copy_elsewhere, run_dir=tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"^paths\.data_dir=.* is invalid: .* cifar-10-python\.tar\.gz must be"):
+        validate_config(compose_config("dataset=split_cifar10", "model=convnet", f"paths.data_dir={data_dir}",
+                                       run_dir=tmp_path / "run"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may read and write any folder")
+def test_a_read_only_data_folder_for_a_real_user(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o555)
+    try:
+        with pytest.raises(ConfigError, match=r"^paths\.data_dir=.* is invalid: a folder this user can write"):
+            validate_config(compose_config(f"paths.data_dir={data_dir}", "dataset.source.system_dir=null",
+                                           run_dir=tmp_path / "run"))
+        data_dir.chmod(0o000)
+        with pytest.raises(ConfigError, match=r"^paths\.data_dir=.* is invalid: a folder this user can read"):
+            validate_config(compose_config(f"paths.data_dir={data_dir}", run_dir=tmp_path / "run"))
+    finally:
+        data_dir.chmod(0o755)
+
+
+# ---- through the command line: one line on stderr, exit 2, and the data never read -------------------------------
+CLI_BAD = [
+    # misspelled keys and options: Hydra cannot compose them; the line says which key was meant
+    (["method=ewc", "method.lamda=100"],
+     "error: method.lamda=100 is invalid: method.lamda is not a key of method=ewc; did you mean method.lambda?"),
+    (["trainer.max_epoch=2"],
+     "error: trainer.max_epoch=2 is invalid: trainer.max_epoch is not a key of trainer=cpu; did you mean "
+     "trainer.max_epochs?"),
+    (["scenario.train_class=seen"],
+     "error: scenario.train_class=seen is invalid: scenario.train_class is not a key of scenario=task; "
+     "scenario.train_classes is a key of scenario=class"),
+    (["sed=1"], "error: sed=1 is invalid: sed is not a key of the config (conf/train.yaml); did you mean seed?"),
+    (["method=ewx"], "error: method=ewx is invalid: not an option of method, which has ewc, finetune, joint, lwf; "
+                     "did you mean method=ewc?"),
+    # values: refused by validate_config before the data are read
+    (["seed=abc"], "error: seed='abc' is invalid: an integer in [0, 4294967295]"),
+    (["optimizer.lr=-0.1"], "error: optimizer.lr=-0.1 is invalid: a number >= 0 (torch.optim.Adam: Invalid learning "
+                            "rate: -0.1)"),
+    (["+optimizer.learning_rate=0.1"], "error: optimizer.learning_rate=0.1 is invalid: not an argument of "
+                                       "torch.optim.Adam; did you mean optimizer.lr?"),
+    pytest.param(["trainer=gpu"], "error: trainer.accelerator='gpu' is invalid: an accelerator this machine has: torch "
+                 f"{torch.__version__} sees no CUDA GPU (use trainer=cpu, or accelerator=auto)", marks=NO_CUDA),
+    (["ckpt_path={tmp}/truncated.ckpt"], "error: ckpt_path='{tmp}/truncated.ckpt' is invalid: a readable torch "
+                                         "checkpoint, and {tmp}/truncated.ckpt is not one (BadZipFile"),
+    (["hydra.run.dir={tmp}/file/run"], "error: hydra.run.dir={tmp}/file/run is invalid: the run folder must be a "
+                                       "folder this user can create and write ({tmp}/file/run: Not a directory)"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", CLI_BAD, ids=[_bad_id(b) for b in CLI_BAD])
+def test_bad_input_through_the_cli_is_one_line_and_exit_2_before_the_data_are_read(tmp_path, overrides, expected):
+    _checkpoints(tmp_path)
+    (tmp_path / "file").write_text("")
+    overrides = [o.format(tmp=tmp_path) for o in overrides]
+    proc = run_train(tmp_path / "run", *LOUD, *overrides, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith(expected.format(tmp=tmp_path)), proc.stderr
+    assert LOADING not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_a_misspelled_key_in_a_multirun_is_the_same_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "src.train", "-m", f"hydra.sweep.dir={tmp_path / 'sweep'}", "seed=0,1",
+                           "trainer.max_epoch=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: trainer.max_epoch=2 is invalid: trainer.max_epoch is not a key of trainer=cpu; did you mean "
+        "trainer.max_epochs?"]
 
 
 def test_bad_value_through_the_cli_exits_non_zero_before_any_results(tmp_path):

@@ -64,29 +64,43 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def check_optimizer(node, name: str = "optimizer") -> None:
-    """Every key of a `_partial_` optimizer config against the optimizer class itself: unknown keys (from its
-    signature, with the closest one), the type of each value (from its default), and the values torch refuses (by
-    building it on a dummy parameter, adding one key at a time, so that the key that makes it fail is named)."""
+def check_arguments(node, name: str, skip_first: bool = False):
+    """The keys of a `_target_` node against the signature of what it builds: a key it does not take is named, with
+    the closest one it does take. Returns (target, its name, its parameters)."""
     from src.continual.overrides import did_you_mean
 
     target = node.get("_target_")
     try:
         module, _, attribute = str(target).rpartition(".")
-        cls = getattr(importlib.import_module(module), attribute)
-        assert inspect.isclass(cls)
+        built = getattr(importlib.import_module(module), attribute)
+        assert callable(built)
     except Exception:
-        raise ConfigError(f"{name}._target_={target!r} is invalid: an importable optimizer class") from None
-    title = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.optim") else target
-    parameters = dict(inspect.signature(cls).parameters)
-    parameters.pop(next(iter(parameters)), None)  # `params`: the model's parameters, given by the module
-    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        raise ConfigError(f"{name}._target_={target!r} is invalid: an importable class or function") from None
+    title = f"torch.optim.{built.__name__}" if module.startswith("torch.optim") else target
+    try:
+        parameters = dict(inspect.signature(built).parameters)
+    except (TypeError, ValueError):  # no signature to read (a builtin): its constructor will say
+        return built, title, {}
+    if skip_first:
+        parameters.pop(next(iter(parameters), None), None)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return built, title, parameters  # takes any key: it checks its own (e.g. EWC's `lambda`)
+    for key in node.keys():
+        if not str(key).startswith("_") and key not in parameters:
+            value = node._get_node(key)._value() if hasattr(node, "_get_node") else node[key]
+            hint = did_you_mean(str(key), parameters, prefix=f"{name}.", what=f"{title} takes")
+            raise ConfigError(f"{name}.{key}={value!r} is invalid: not an argument of {title}{hint}")
+    return built, title, parameters
+
+
+def check_optimizer(node, name: str = "optimizer") -> None:
+    """Every key of a `_partial_` optimizer config against the optimizer class itself: unknown keys (from its
+    signature, with the closest one), the type of each value (from its default), and the values torch refuses (by
+    building it on a dummy parameter, adding one key at a time, so that the key that makes it fail is named)."""
+    cls, title, parameters = check_arguments(node, name, skip_first=True)  # the first: the model's parameters
     values = OmegaConf.to_container(node, resolve=True)
     given = {k: v for k, v in values.items() if not str(k).startswith("_")}
     for key, value in given.items():
-        if key not in parameters and not open_ended:
-            hint = did_you_mean(key, parameters, prefix=f"{name}.", what=f"{title} takes")
-            raise ConfigError(f"{name}.{key}={value!r} is invalid: not an argument of {title}{hint}")
         default = parameters[key].default if key in parameters else inspect.Parameter.empty
         if isinstance(default, bool):
             _check(isinstance(value, bool), f"{name}.{key}", value, "true or false")
@@ -275,6 +289,16 @@ def check_folders(cfg: DictConfig, source) -> None:
                               f"(downloaded or extracted) into {Path(files[0]).parent}; or put the files there")
 
 
+def _targets_below(node, path: str):
+    """The paths of the `_target_` nodes inside `node` (not `node` itself: the DataModule imports Lightning)."""
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            if "_target_" in child:
+                yield f"{path}.{key}"
+            yield from _targets_below(child, f"{path}.{key}")
+
+
 def validate_config(cfg: DictConfig) -> None:
     trainer, data = cfg.trainer, cfg.dataset
     check_seed(cfg)
@@ -305,6 +329,9 @@ def validate_config(cfg: DictConfig) -> None:
     if "train_classes" in scenario:
         _check(scenario.train_classes in ("seen", "current"), "scenario.train_classes", scenario.train_classes,
                "one of seen, current")
+    for path in ("method", "model", "scenario", *_targets_below(data, "dataset")):
+        if OmegaConf.select(cfg, path) is not None:
+            check_arguments(OmegaConf.select(cfg, path), path)
     _build(cfg.method, "method")  # methods validate their own keys (λ ≥ 0, 0 ≤ α ≤ 1, T > 0, …)
     check_optimizer(cfg.optimizer)
     check_accelerator(trainer)

@@ -38,6 +38,7 @@ number of samples and the seconds the estimate took.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 
@@ -68,7 +69,12 @@ class EWC(Regularizer):
                 raise ConfigError("method: give `lambda` or `lam`, not both")
             lam = kwargs.pop("lambda")
         if kwargs:
-            raise ConfigError(f"method: unknown key(s) {', '.join(sorted(kwargs))} for EWC")
+            from src.continual.overrides import did_you_mean
+
+            key = sorted(kwargs)[0]
+            known = ("lambda", *inspect.signature(EWC.__init__).parameters)
+            hint = did_you_mean(key, [k for k in known if k not in ("self", "lam", "kwargs")], prefix="method.")
+            raise ConfigError(f"method.{key}={kwargs[key]!r} is invalid: not a key of EWC{hint}")
         lam = DEFAULT_LAMBDA if lam is None else lam
         _check(isinstance(lam, (int, float)) and lam >= 0, "method.lambda", lam, "a number >= 0")
         _check(mode in MODES, "method.mode", mode, f"one of {', '.join(MODES)}")
