@@ -1,5 +1,6 @@
 """Downloading, checking, extracting and parsing MNIST and CIFAR, from official-format files on a loopback server."""
 
+import gzip
 import hashlib
 import io
 import os
@@ -191,3 +192,39 @@ def test_mnist_official_checksums_and_offline_message(tmp_path):
         MNIST(root=str(tmp_path), url="http://127.0.0.1:9").load()
     message = one_line(err)
     assert str(tmp_path / "mnist") in message and "ossci-datasets.s3.amazonaws.com/mnist" in message
+
+
+# ---- a broken copy in the data folder is reported even when a good copy elsewhere is used ---------------------------
+@pytest.mark.parametrize("damage, reason", [(lambda data: data[: len(data) // 2], "checksum mismatch"),
+                                            (lambda data: b"garbage", "checksum mismatch")])
+def test_a_bad_file_in_the_data_folder_is_reported_when_the_system_copy_is_used(tmp_path, caplog, damage, reason):
+    files = mnist_files()
+    checksums = {name: md5(data) for name, data in files.items()}
+    system = write(tmp_path / "system", files)
+    mine = tmp_path / "data" / "mnist"
+    write(mine, files)
+    bad = mine / "train-labels-idx1-ubyte.gz"
+    bad.write_bytes(damage(files[bad.name]))
+    with caplog.at_level("WARNING", logger="src.data.download"):
+        data = MNIST(root=str(tmp_path / "data"), system_dir=str(system), url=None, md5=checksums).load()
+    assert data.train_y.shape == (60,)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"{bad}: {reason}") and warnings[0].endswith(f"using {system / bad.name} instead")
+    assert bad.read_bytes() == damage(files[bad.name])  # the user's file is left for the user to deal with
+
+
+def test_a_wrong_file_in_the_data_folder_is_reported_for_fashion_mnist_too(tmp_path, caplog):
+    """Content checksums (Fashion-MNIST's): an MNIST file put where the Fashion-MNIST one belongs."""
+    from src.data.fashion_mnist import CONTENT_SHA256, load_idx_files
+
+    mnist = mnist_files()
+    system = write(tmp_path / "system", mnist)
+    mine = write(tmp_path / "data" / "fashion-mnist", {"t10k-labels-idx1-ubyte.gz": mnist["train-labels-idx1-ubyte.gz"]})
+    sums = {name: hashlib.sha256(gzip.decompress(data)).hexdigest() for name, data in mnist.items()}
+    assert set(sums) == set(CONTENT_SHA256)
+    with caplog.at_level("WARNING", logger="src.data.download"):
+        load_idx_files("fashion-mnist", str(tmp_path / "data"), str(system), None, sums, how_to_get="")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{mine / 't10k-labels-idx1-ubyte.gz'}: checksum mismatch (sha256 of content")
+    assert warning.endswith(f"using {system / 't10k-labels-idx1-ubyte.gz'} instead")

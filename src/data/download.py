@@ -53,9 +53,9 @@ def find_or_download(
 ):
     """Return `verify(path)` for the first folder holding a valid `filename`, downloading it if none does.
 
-    `verify` parses and checks a file, raising DatasetError when it is bad. A bad file in a search folder is
-    reported, not deleted (it may be a system copy); a bad file in `download_dir` is ours, so it is deleted and
-    fetched again, and a bad fresh download is deleted before the error is raised.
+    `verify` parses and checks a file, raising DatasetError when it is bad. A bad file is reported (a warning when
+    another folder has a good copy, else in the error) and left in place, except that one in `download_dir` is ours:
+    it is deleted when it is about to be downloaded again. A bad fresh download is deleted before the error.
     """
     problems, ours = [], []
     for folder in search_dirs:
@@ -71,12 +71,13 @@ def find_or_download(
             for problem in problems:  # the user would otherwise never learn that their copy is broken
                 log.warning("%s; using %s instead", problem, path)
             return found
-    for path in ours:  # our own earlier download: removed so that it is fetched again
-        os.remove(path)
     if base_url is None:
         looked = ", ".join(str(d) for d in search_dirs)
         extra = f" ({'; '.join(problems)})" if problems else ""
         raise DatasetError(f"{filename} not found in {looked}{extra}")
+    for path in ours:  # our own earlier download: removed so that it is fetched again
+        log.warning("%s: bad copy removed, downloading it again", path)
+        os.remove(path)
     download_dir.mkdir(parents=True, exist_ok=True)
     target = download_dir / filename
     url = base_url.rstrip("/") + "/" + filename
