@@ -9,7 +9,6 @@ fails: a good command line costs nothing, and `--help`, `--cfg`, `-m` and sweeps
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import re
 import sys
@@ -24,6 +23,8 @@ ALIASES = {
 
 def closest(name: str, candidates) -> str | None:
     """The candidate `name` was most probably meant to be (difflib, or a known alias), or None."""
+    import difflib
+
     candidates = list(candidates)
     if ALIASES.get(name) in candidates:
         return ALIASES[name]
