@@ -4,9 +4,12 @@ result files are written atomically; runs are deterministic under a seed."""
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -349,3 +352,48 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path):
         assert first[key] == second[key], key
     other = build_loop(tmp_path / "c", *overrides[:-1], "seed=1", "model.dropout=0.2").run()
     assert other["acc_matrix"] != first["acc_matrix"]
+
+
+def _without_root() -> list[str]:
+    """A command prefix that drops root (who may write anywhere) for a permission test, or [] when not root."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root, and no setpriv to run as another user")
+    for path in (ROOT, Path(sys.executable)):
+        if any(p.stat().st_mode & 0o005 != 0o005 for p in [path, *path.parents] if p.is_dir()):
+            pytest.skip(f"{path} is not readable by other users")
+    return ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.mark.parametrize("case", ["run folder", "existing run folder", "data folder"])
+def test_folders_this_user_cannot_write_through_the_cli(case):
+    prefix = _without_root()
+    tmp = Path(tempfile.mkdtemp(prefix="validate-"))
+    try:
+        tmp.chmod(0o777)
+        locked = tmp / "locked"
+        locked.mkdir(mode=0o555)
+        locked.chmod(0o555)
+        overrides, expected = {
+            "run folder": ([*LOUD, f"hydra.run.dir={locked / 'run'}"],
+                           f"error: hydra.run.dir={locked / 'run'} is invalid: the run folder must be a folder this "
+                           f"user can create and write ({locked / 'run'}: Permission denied)"),
+            "existing run folder": ([*LOUD, f"hydra.run.dir={locked}"],
+                                    f"error: hydra.run.dir={locked} is invalid: the run folder must be a folder this "
+                                    f"user can create and write ({locked}/"),
+            "data folder": ([f"hydra.run.dir={tmp / 'run'}", f"paths.data_dir={locked}", "dataset.source.system_dir=null"],
+                            f"error: paths.data_dir='{locked}' is invalid: a folder this user can write, since "
+                            f"train-images-idx3-ubyte.gz and 3 more must be written"),
+        }[case]
+        proc = subprocess.run([*prefix, sys.executable, "-m", "src.train", "callbacks=none", "method=finetune",
+                               *overrides], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HOME": str(tmp)})
+        if prefix and proc.returncode != 2 and "Permission denied" in proc.stderr and "error:" not in proc.stderr:
+            pytest.skip(f"the project cannot be run as another user here: {proc.stderr.strip()[-300:]}")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and proc.stderr.startswith(expected)
+        assert LOADING not in proc.stderr + proc.stdout
+    finally:
+        locked.chmod(0o755)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -165,6 +165,15 @@ def _run_folder(err: OSError) -> str:
             f"({err.filename}: {err.strerror})")
 
 
+def _os_error_in(err: BaseException | None, depth: int = 4) -> OSError | None:
+    """The OSError about a file that `err` is, or was raised from (through `__cause__`/`__context__`)."""
+    while err is not None and depth > 0:
+        if isinstance(err, OSError) and err.filename is not None:
+            return err
+        err, depth = err.__cause__ or err.__context__, depth - 1
+    return None
+
+
 def one_line(err: BaseException, task_function, config_name: str = "train") -> str | None:
     """The one-line explanation of a failure Hydra reports before `task_function` ran, or None to leave it to Hydra."""
     from hydra.errors import ConfigCompositionException, MissingConfigException
@@ -174,13 +183,14 @@ def one_line(err: BaseException, task_function, config_name: str = "train") -> s
             return _unknown_option(err)
         if isinstance(err, ConfigCompositionException):
             return _misspelled_key(err, config_name)
-        if isinstance(err, OSError) and err.filename is not None:
+        os_error = _os_error_in(err)  # Hydra wraps some (logging's "Unable to configure handler 'file'")
+        if os_error is not None:
             code = inspect.unwrap(task_function).__code__
             tb, in_task = err.__traceback__, False
             while tb is not None:
                 in_task = in_task or tb.tb_frame.f_code is code
                 tb = tb.tb_next
-            return None if in_task else _run_folder(err)
+            return None if in_task else _run_folder(os_error)
     except Exception:  # explaining must never hide the original error
         return None
     return None

@@ -264,7 +264,10 @@ def check_folders(cfg: DictConfig, source) -> None:
         try:
             from hydra.core.hydra_config import HydraConfig
 
-            run_dir = Path(HydraConfig.get().runtime.output_dir)
+            hydra_cfg = HydraConfig.get()
+            run_dir = Path(hydra_cfg.runtime.output_dir)
+            if str(hydra_cfg.get("mode", "")).endswith("MULTIRUN"):
+                key = "hydra.sweep.dir"
         except Exception:  # not under Hydra (a config composed in-process without a run folder)
             pass
     if run_dir is not None:
