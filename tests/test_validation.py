@@ -82,12 +82,14 @@ BAD = [
      "optimizer.momentum=0.9 is invalid: not an argument of torch.optim.AdamW"),
     (["optimizer._target_=torch.optim.Nope"], "optimizer._target_='torch.optim.Nope' is invalid"),
     # keys added with + that the class does not take
-    (["method=ewc", "+method.lamda=1"], "method.lamda=1 is invalid: not a key of EWC; did you mean method.lambda?"),
+    (["method=ewc", "+method.lamda=1"], "method.lamda=1 is invalid: unknown key for EWC; did you mean method.lambda?"),
     (["method=lwf", "+method.alpa=1"], "method.alpa=1 is invalid: not an argument of src.methods.lwf.LwF; did you "
                                        "mean method.alpha?"),
     (["+dataset.tasks.n_task=3"], "dataset.tasks.n_task=3 is invalid: not an argument of src.data.tasks.ClassSplit; "
                                   "did you mean dataset.tasks.n_tasks?"),
     (["+dataset.source.rooot=x"], "did you mean dataset.source.root?"),
+    (["+model.hiden=[10]"], "model.hiden=[10] is invalid: not an argument of src.models.pretrained.build_backbone with "
+                            "src.models.mlp.MLP; did you mean model.hidden?"),
     # accelerator and devices
     (["trainer.accelerator=tpux"], "trainer.accelerator='tpux' is invalid: one of auto, cpu, gpu, cuda, mps, tpu"),
     (["trainer.devices=0"], "trainer.devices=0 is invalid"),

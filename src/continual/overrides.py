@@ -58,7 +58,7 @@ def _given(overrides, key: str, fallback: str) -> str:
     """How the command line wrote `key=value` (the value as typed), else `fallback`."""
     for override in reversed(overrides):  # the last one wins, as in Hydra
         if override.key_or_group == key:
-            return override.input_line.lstrip("+~")
+            return override.input_line
     return fallback
 
 
@@ -87,6 +87,9 @@ def _misspelled_key(err, config_name: str) -> str | None:
     cause = err.__cause__
     missing = getattr(cause, "full_key", None)  # the first part of the key that does not exist
     match = re.search(r"Could not override '([^']+)'", str(err))
+    deleted = re.search(r"Could not delete from config\. '([^']+)' does not exist", str(err))
+    if deleted:  # `~key`
+        match, missing = deleted, deleted.group(1)
     if not missing or not match:
         return None
     key = match.group(1)

@@ -84,7 +84,18 @@ def check_arguments(node, name: str, skip_first: bool = False):
     if skip_first:
         parameters.pop(next(iter(parameters), None), None)
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return built, title, parameters  # takes any key: it checks its own (e.g. EWC's `lambda`)
+        forwarded = node.get("architecture") if isinstance(node.get("architecture"), str) else None
+        if forwarded is None:
+            return built, title, parameters  # takes any key: it checks its own (e.g. EWC's `lambda`)
+        try:  # a backbone builder: the other keys go on to `architecture`
+            module, _, attribute = forwarded.rpartition(".")
+            inner = dict(inspect.signature(getattr(importlib.import_module(module), attribute)).parameters)
+        except Exception:
+            return built, title, parameters  # the builder names a bad architecture itself
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in inner.values()):
+            return built, title, parameters
+        parameters = {k: p for k, p in {**parameters, **inner}.items() if p.kind is not inspect.Parameter.VAR_KEYWORD}
+        title = f"{title} with {forwarded}"
     for key in node.keys():
         if not str(key).startswith("_") and key not in parameters:
             value = node._get_node(key)._value() if hasattr(node, "_get_node") else node[key]

@@ -74,7 +74,7 @@ class EWC(Regularizer):
             key = sorted(kwargs)[0]
             known = ("lambda", *inspect.signature(EWC.__init__).parameters)
             hint = did_you_mean(key, [k for k in known if k not in ("self", "lam", "kwargs")], prefix="method.")
-            raise ConfigError(f"method.{key}={kwargs[key]!r} is invalid: not a key of EWC{hint}")
+            raise ConfigError(f"method.{key}={kwargs[key]!r} is invalid: unknown key for EWC{hint}")
         lam = DEFAULT_LAMBDA if lam is None else lam
         _check(isinstance(lam, (int, float)) and lam >= 0, "method.lambda", lam, "a number >= 0")
         _check(mode in MODES, "method.mode", mode, f"one of {', '.join(MODES)}")
