@@ -17,8 +17,16 @@ import torch
 import src.continual.validate as validate
 from src.continual.results import write_json_atomic
 from src.continual.validate import ConfigError, validate_config
-from tests.helpers import (FMNIST_SYSTEM_DIR, ROOT, SYNTHETIC, SyntheticSource, build_loop, compose_config,
-                           read_results, run_train)
+from tests.helpers import (
+    FMNIST_SYSTEM_DIR,
+    ROOT,
+    SYNTHETIC,
+    SyntheticSource,
+    build_loop,
+    compose_config,
+    read_results,
+    run_train,
+)
 
 LOADING = "the dataset is being loaded"
 

@@ -200,8 +200,16 @@ def one_line(err: BaseException, task_function, config_name: str = "train") -> s
 
 
 def explain_composition_errors(task_function, config_name: str = "train") -> None:
-    """Make Hydra's composition failures one line and exit 2 (call before the `@hydra.main` function)."""
+    """Make Hydra's composition failures one line and exit 2 (call before the `@hydra.main` function).
+
+    Wraps `hydra._internal.utils.run_and_report` (Hydra 1.1–1.3): should a later Hydra lack it, this does nothing and
+    Hydra's own messages come back unchanged."""
     import hydra._internal.utils as hydra_utils
+
+    try:
+        config_name = hydra_utils.get_args_parser().parse_known_args(sys.argv[1:])[0].config_name or config_name
+    except BaseException:  # a bad command line: Hydra's own parser says so
+        pass
 
     report = getattr(hydra_utils, "run_and_report", None)
     if report is None or getattr(report, "explains", False):
