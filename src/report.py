@@ -166,6 +166,11 @@ def read_run(folder: Path) -> Run:
         return Run(folder, "no results.json", "the run stopped before its first results were written")
     try:
         results = json.loads(file.read_text())
+        if isinstance(results, dict) and results.get("status") != "finished" and not {"config", "method",
+                                                                                        "scenario"} <= set(results):
+            # an early failure (bad config, before training) may write little more than its status and error
+            return Run(folder, str(results.get("status", "?")), results.get("error"), results,
+                       str(results.get("method", "?")), scenario=str(results.get("scenario", "?")))
         config = results["config"]
         run = Run(folder, results.get("status", "?"), results.get("error"), results, results["method"],
                   _dataset_name(folder, config, results["scenario"]), results["scenario"], config.get("seed"),

@@ -227,6 +227,9 @@ def test_failed_interrupted_and_subsampled_runs_are_listed_with_their_reason(tmp
     fake_run(tmp_path / "failed", "finetune", status="failed", error="ConfigError: seed=-1 is invalid: an integer >= 0")
     fake_run(tmp_path / "interrupted", "finetune", status="interrupted", error="interrupted by SIGTERM")
     fake_run(tmp_path / "killed", "finetune", status="running")
+    (tmp_path / "early" / "results.json").parent.mkdir()  # refused before training: status and reason only
+    (tmp_path / "early" / "results.json").write_text(json.dumps(
+        {"status": "failed", "error": "optimizer.lr=-0.1 is invalid: a number > 0"}))
     code, printed = report_lines(capsys, tmp_path, "--out", tmp_path / "out")
     assert code == 0
     md = (tmp_path / "out" / "report.md").read_text()
@@ -234,6 +237,7 @@ def test_failed_interrupted_and_subsampled_runs_are_listed_with_their_reason(tmp
     assert "| failed | failed | ConfigError: seed=-1 is invalid: an integer >= 0 |" in broken
     assert "| interrupted | interrupted | interrupted by SIGTERM |" in broken
     assert "| killed | running | still running, or killed without a chance to say so" in broken
+    assert "| early | failed | optimizer.lr=-0.1 is invalid: a number > 0 |" in broken
     assert "not finished: interrupted (interrupted: interrupted by SIGTERM)" in printed
     assert "not finished: failed (failed: ConfigError: seed=-1 is invalid" in printed
     assert "WARNING: 1 rows were evaluated on a subsample" in md and "WARNING: 1 rows" in printed
