@@ -357,20 +357,26 @@ def find_searches(paths: list[Path], runs: list[Run]) -> list[Search]:
     return searches
 
 
-def search_lines(search: Search, base: Path, code=lambda text: f"`{text}`") -> list[str]:
+def _where(folder: Path) -> str:
+    """A folder to `cd` into: relative to the current folder when under it, else absolute."""
+    folder = Path(folder).resolve()
+    return str(folder.relative_to(Path.cwd())) if folder.is_relative_to(Path.cwd()) else str(folder)
+
+
+def search_lines(search: Search, code=lambda text: f"`{text}`") -> list[str]:
     finished = [r for r in search.trials if r.finished]
     what = (finished[0].objective()[1] if finished else "validation average accuracy (val_avg_acc)")
     trials = f"{search.n_trials} trials asked, " if search.n_trials is not None else ""
-    lines = [f"Optuna search {code(_show(search.folder, base))}: objective = {what}, as a fraction in [0, 1] (what "
+    lines = [f"Optuna search {code(_where(search.folder))}: objective = {what}, as a fraction in [0, 1] (what "
              f"`python -m src.train` returns), {search.direction}d; {trials}{len(finished)} finished runs found."]
     if search.solutions is not None:
         lines.append(f"Multi-objective: {search.solutions} Pareto solutions in optimization_results.yaml.")
         return lines
-    params = ", ".join(f"{k}={format_value(v)}" for k, v in search.best_params.items())
+    params = ", ".join(f"{k}={v!r}" for k, v in search.best_params.items())  # in full: to be copied
     value = "n/a" if search.best_value is None else f"{search.best_value:.5g} ({100 * search.best_value:.2f}%)"
     if search.best_run is not None:
         test = search.best_run.results.get("avg_acc")
-        lines.append(f"Best trial: {code(_show(search.best_run.path, base))} with {params}: objective {value}; test "
+        lines.append(f"Best trial: {code(_where(search.best_run.path))} with {params}: objective {value}; test "
                      f"average accuracy {'n/a' if test is None else f'{100 * test:.2f}%'}.")
     else:
         lines.append(f"Best trial: {params}: objective {value}; no finished run read here has these parameters and "
@@ -520,7 +526,7 @@ def write_tables(groups: dict, runs: list[Run], out: Path, command: str, base: P
     if notes:
         lines += [""] + [f"- {note}" for note in notes]
     for search in searches:
-        lines += ["", "## Hyperparameter search", ""] + search_lines(search, base)
+        lines += ["", "## Hyperparameter search", ""] + search_lines(search)
     if groups:
         lines += ["", "![average accuracy after each task](report_avg_acc.png)", "",
                   "![final accuracy on each task](report_final_acc.png)", "",
@@ -707,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             print(note)
         print()
     for search in made["searches"]:
-        for line in search_lines(search, base, code=str):
+        for line in search_lines(search, code=str):
             print(line)
         print()
     broken = broken_lines(runs, base)

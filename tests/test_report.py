@@ -255,9 +255,9 @@ def test_optuna_search_names_its_objective_and_best_trial_folder(tmp_path, capsy
     md = (sweep / "report.md").read_text()
     assert ("objective = validation average accuracy (val_avg_acc), as a fraction in [0, 1] (what "
             "`python -m src.train` returns), maximized; 3 trials asked, 3 finished runs found.") in md
-    assert ("Best trial: `1` with method.lambda=4136.25: objective 0.97 (97.00%); test average accuracy "
+    assert (f"Best trial: `{sweep / '1'}` with method.lambda=4136.25: objective 0.97 (97.00%); test average accuracy "
             "75.00%.") in md
-    assert "Best trial: 1 with method.lambda=4136.25" in printed
+    assert f"Best trial: {sweep / '1'} with method.lambda=4136.25" in printed
 
 
 def test_run_plots_and_printed_table_number_tasks_from_one(tmp_path):
