@@ -27,10 +27,10 @@ def _check_fast(cfg) -> None:
     except ConfigError as err:  # a preset that starts from a pretrained trunk (`python -m src.pretrain` makes it)
         assert str(err).startswith("model.pretrained=") and "no such file" in str(err), err
     assert cfg.trainer.max_steps == 5
-    assert cfg.dataset.eval_max_samples == 200 and cfg.dataset.task_pass_max_samples == 200
+    assert cfg.dataset.eval_max_samples == 100 and cfg.dataset.task_pass_max_samples == 100
     instantiate(cfg.method)  # a method without a Fisher or a warm-up is not handed keys it does not take
     datamodule = instantiate(cfg.dataset, _recursive_=False)  # nothing is read: the source stays a config
-    assert datamodule.eval_max_samples == 200 and datamodule.task_pass_max_samples == 200
+    assert datamodule.eval_max_samples == 100 and datamodule.task_pass_max_samples == 100
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -85,7 +85,7 @@ def test_debug_fast_runs_every_method(tmp_path):
            f"method={','.join(METHODS)}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("NOTE: evaluated on at most 200 test (and validation) samples per task") == len(METHODS)
+    assert proc.stdout.count("NOTE: evaluated on at most 100 test (and validation) samples per task") == len(METHODS)
     for job in range(len(METHODS)):
         results = json.loads((tmp_path / str(job) / "results.json").read_text())
         assert results["status"] == "finished" and results["steps_per_task"] == [5, 5]
