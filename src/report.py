@@ -598,7 +598,7 @@ def _offsets(n: int, spread: float = 0.12) -> np.ndarray:
 
 
 def plot(groups: dict, out: Path, fit_axis: bool = False) -> None:
-    from src.continual.plots import draw_task_accuracy, pyplot, save_figure, task_ticks
+    from src.continual.plots import FORMATS, draw_task_accuracy, pyplot, save_figure, task_ticks
 
     plt = pyplot()
     fig, panels, styles = _figure(groups)
@@ -625,7 +625,7 @@ def plot(groups: dict, out: Path, fit_axis: bool = False) -> None:
         _ylim(ax, drawn, fit_axis)
         _legend(ax)
     fig.suptitle("Average accuracy after each task: mean over seeds, band ±1 std", fontsize=10)
-    save_figure(fig, out / "report_avg_acc.png", dpi=110)
+    save_figure(fig, out / "report_avg_acc.png", FORMATS, dpi=110)
 
     fig, panels, styles = _figure(groups)
     for ax, keys in panels:
@@ -649,7 +649,7 @@ def plot(groups: dict, out: Path, fit_axis: bool = False) -> None:
         _ylim(ax, drawn, fit_axis)
         _legend(ax)
     fig.suptitle("Final accuracy on each task: mean over seeds, error bars ±1 std", fontsize=10)
-    save_figure(fig, out / "report_final_acc.png", dpi=110)
+    save_figure(fig, out / "report_final_acc.png", FORMATS, dpi=110)
 
     # accuracy on each task j as tasks are learned: one panel per group
     keys = list(groups)
@@ -668,7 +668,7 @@ def plot(groups: dict, out: Path, fit_axis: bool = False) -> None:
         _ylim(ax, [100 * stack.mean(axis=0)[np.triu_indices(shape[0], 0, shape[1])]], fit_axis)
         ax.legend(fontsize=6, ncol=2, frameon=False)
     fig.suptitle("Accuracy on each task as tasks are learned (mean over seeds, band ±1 std)", fontsize=10)
-    save_figure(fig, out / "report_task_acc.png", dpi=110)
+    save_figure(fig, out / "report_task_acc.png", FORMATS, dpi=110)
 
 
 # ---- entry point -------------------------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Plots of one run: the accuracy matrix as a heatmap, average accuracy after each task, and each task's accuracy
 as the sequence goes on. Tasks are numbered 1…T here, in the printed table and in `src.report`.
 
-Every figure is written as PNG (to look at), PDF and SVG (for a paper). matplotlib is imported inside the functions:
-importing it costs about a second, which every `python -m src.train` would pay before its first step otherwise.
+A run writes PNG only (three figures in PDF and SVG too would add about a second to every run, tests included);
+`python -m src.report <run folder>` draws them, and any comparison, as PNG, PDF and SVG for a paper. matplotlib is
+imported inside the functions: importing it costs about a second, which `python -m src.train` would otherwise pay
+before its first step.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-FORMATS = ("png", "pdf", "svg")
+FORMATS = ("png", "pdf", "svg")  # what src.report writes
+RUN_FORMATS = ("png",)
 # Lines that may lie on top of each other (a task that is never forgotten, two identical methods) stay visible:
 # each gets its own marker and dash pattern, and the markers are hollow.
 MARKERS = "osD^vP*Xh<>"
@@ -35,7 +38,7 @@ def line_style(i: int) -> dict:
             "linestyle": LINESTYLES[i % len(LINESTYLES)], "markerfacecolor": "none", "markersize": 6}
 
 
-def save_figure(fig, path: Path, formats=FORMATS, dpi: int = 100) -> list[Path]:
+def save_figure(fig, path: Path, formats=RUN_FORMATS, dpi: int = 100) -> list[Path]:
     """`path` with each suffix of `formats`, each atomically (a crash never leaves half an image); closes `fig`."""
     path = Path(path)
     fig.tight_layout()
@@ -43,7 +46,7 @@ def save_figure(fig, path: Path, formats=FORMATS, dpi: int = 100) -> list[Path]:
     for fmt in formats:
         target = path.with_suffix(f".{fmt}")
         tmp = target.with_name(f".{target.name}.tmp")
-        fig.savefig(tmp, dpi=dpi, format=fmt, bbox_inches="tight")
+        fig.savefig(tmp, dpi=dpi, format=fmt, bbox_inches="tight" if len(formats) > 1 else None)
         os.replace(tmp, target)
         written.append(target)
     pyplot().close(fig)
@@ -119,7 +122,7 @@ def plot_task_accuracy(R, path: Path, title: str = "") -> None:
 
 
 def plot_run(results: dict, run_dir: Path) -> None:
-    """The plots of one finished run: acc_matrix, avg_acc and task_acc, each as .png, .pdf and .svg."""
+    """The plots of one finished run: acc_matrix.png, avg_acc.png and task_acc.png."""
     run_dir = Path(run_dir)
     title = f"{results['method']} · {results['scenario']}-incremental"
     plot_accuracy_matrix(results["acc_matrix"], run_dir / "acc_matrix.png", title)
