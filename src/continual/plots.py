@@ -1,18 +1,66 @@
-"""Plots of one run: the accuracy matrix as a heatmap and average accuracy after each task."""
+"""Plots of one run: the accuracy matrix as a heatmap, average accuracy after each task, and each task's accuracy
+as the sequence goes on. Tasks are numbered 1…T here, in the printed table and in `src.report`.
+
+A run writes PNG only (three figures in PDF and SVG too would add about a second to every run, tests included);
+`python -m src.report <run folder>` draws them, and any comparison, as PNG, PDF and SVG for a paper. matplotlib is
+imported inside the functions: importing it costs about a second, which `python -m src.train` would otherwise pay
+before its first step.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+FORMATS = ("png", "pdf", "svg")  # what src.report writes
+RUN_FORMATS = ("png",)
+# Lines that may lie on top of each other (a task that is never forgotten, two identical methods) stay visible:
+# each gets its own marker and dash pattern, and the markers are hollow.
+MARKERS = "osD^vP*Xh<>"
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def line_style(i: int) -> dict:
+    """The i-th line's look: colour, marker and dash pattern all change, so that no two lines look alike."""
+    plt = pyplot()
+    return {"color": plt.cm.tab10(i % 10), "marker": MARKERS[i % len(MARKERS)],
+            "linestyle": LINESTYLES[i % len(LINESTYLES)], "markerfacecolor": "none", "markersize": 6}
+
+
+def save_figure(fig, path: Path, formats=RUN_FORMATS, dpi: int = 100) -> list[Path]:
+    """`path` with each suffix of `formats`, each atomically (a crash never leaves half an image); closes `fig`."""
+    path = Path(path)
+    fig.tight_layout()
+    written = []
+    for fmt in formats:
+        target = path.with_suffix(f".{fmt}")
+        tmp = target.with_name(f".{target.name}.tmp")
+        fig.savefig(tmp, dpi=dpi, format=fmt, bbox_inches="tight" if len(formats) > 1 else None)
+        os.replace(tmp, target)
+        written.append(target)
+    pyplot().close(fig)
+    return written
+
+
+def task_ticks(ax, T: int, axis: str = "x", offset: int = 1) -> None:
+    """Ticks at positions 0…T−1 (+ offset) labelled 1…T."""
+    positions = np.arange(T) + offset
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(positions, [str(j + 1) for j in range(T)])
 
 
 def plot_accuracy_matrix(R, path: Path, title: str = "") -> None:
+    plt = pyplot()
     R = np.asarray(R, dtype=float) * 100
     T = R.shape[1]
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * T, 1.0 + 0.6 * T))
@@ -22,31 +70,61 @@ def plot_accuracy_matrix(R, path: Path, title: str = "") -> None:
             ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", color="white" if R[i, j] < 60 else "black")
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after training task i")
-    ax.set_xticks(range(T))
-    ax.set_yticks(range(R.shape[0]))
+    task_ticks(ax, T, "x", offset=0)
+    task_ticks(ax, R.shape[0], "y", offset=0)
     ax.set_title(title or "accuracy (%)")
     fig.colorbar(image, ax=ax, fraction=0.046)
-    _save(fig, path)
-
-
-def _save(fig, path: Path) -> None:
-    """Atomically: a crash never leaves half an image."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.tight_layout()
-    fig.savefig(tmp, dpi=100, format=path.suffix.lstrip(".") or "png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot_average_accuracy(avg_per_step, path: Path, title: str = "") -> None:
+    plt = pyplot()
     steps = np.arange(1, len(avg_per_step) + 1)
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(steps, np.asarray(avg_per_step) * 100, marker="o")
+    ax.plot(steps, np.asarray(avg_per_step) * 100, **line_style(0))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("average accuracy on tasks so far (%)")
     ax.set_xticks(steps)
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
+
+
+def draw_task_accuracy(ax, R, std=None) -> None:
+    """Accuracy on task j (one line each) after training tasks 1…T, from the point task j is learned; `std` (same
+    shape as R) draws a ±1 std band. A small horizontal offset per task keeps lines that coincide apart."""
+    R = np.asarray(R, dtype=float) * 100
+    n_rows, T = R.shape
+    offsets = (np.arange(T) - (T - 1) / 2) * min(0.04, 0.3 / max(T, 1))
+    for j in range(min(T, n_rows)):
+        x = np.arange(j + 1, n_rows + 1) + offsets[j]
+        ax.plot(x, R[j:, j], label=f"task {j + 1}", **line_style(j))
+        if std is not None:
+            s = np.asarray(std, dtype=float)[j:, j] * 100
+            ax.fill_between(x, R[j:, j] - s, R[j:, j] + s, color=line_style(j)["color"], alpha=0.15, linewidth=0)
+    ax.set_xticks(np.arange(1, n_rows + 1))
+    ax.set_xlabel("tasks trained")
+    ax.set_ylabel("accuracy on task j (%)")
+    ax.grid(alpha=0.3)
+
+
+def plot_task_accuracy(R, path: Path, title: str = "") -> None:
+    """Accuracy on each task as tasks are learned: forgetting is a line going down after its task."""
+    plt = pyplot()
+    T = np.asarray(R).shape[1]
+    fig, ax = plt.subplots(figsize=(5.0, 3.4))
+    draw_task_accuracy(ax, R)
+    ax.set_ylim(0, 101)
+    ax.legend(fontsize=7, ncol=1 if T <= 5 else 2, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    ax.set_title(title)
+    save_figure(fig, path)
+
+
+def plot_run(results: dict, run_dir: Path) -> None:
+    """The plots of one finished run: acc_matrix.png, avg_acc.png and task_acc.png."""
+    run_dir = Path(run_dir)
+    title = f"{results['method']} · {results['scenario']}-incremental"
+    plot_accuracy_matrix(results["acc_matrix"], run_dir / "acc_matrix.png", title)
+    plot_average_accuracy(results["avg_acc_per_step"], run_dir / "avg_acc.png", title)
+    plot_task_accuracy(results["acc_matrix"], run_dir / "task_acc.png", title)

@@ -19,7 +19,7 @@ import torch
 from src.continual import metrics, wandb_report
 from src.continual.checkpointing import StepCheckpoint, link_atomic, restore_rng, save_atomic
 from src.continual.module import ContinualModule
-from src.continual.plots import plot_accuracy_matrix, plot_average_accuracy
+from src.continual.plots import plot_run
 from src.continual.results import SCHEMA_VERSION, format_table, write_json_atomic
 from src.data.datamodule import TaskSequenceDataModule
 
@@ -267,9 +267,7 @@ class TaskLoop:
         self._write()
         if not self.trainer.is_global_zero:
             return
-        title = f"{self.results['method']} · {self.results['scenario']}-incremental"
-        plot_accuracy_matrix(self.results["acc_matrix"], self.run_dir / "acc_matrix.png", title)
-        plot_average_accuracy(self.results["avg_acc_per_step"], self.run_dir / "avg_acc.png", title)
+        plot_run(self.results, self.run_dir)
         final = {k: self.results[k] for k in ("avg_acc", "forgetting", "bwt", "fwt") if self.results[k] is not None}
         for logger in self.trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in final.items()}, step=self.trainer.global_step)

@@ -24,6 +24,8 @@ class TaskSequenceDataModule(L.LightningDataModule):
         seed: int = 0,
         data_on_device: bool | str = "auto",
         augment=None,
+        eval_max_samples: int | None = None,
+        task_pass_max_samples: int | None = None,
     ):
         super().__init__()
         if data_on_device not in (True, False, "auto"):
@@ -32,6 +34,13 @@ class TaskSequenceDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.seed, self.data_on_device = val_fraction, seed, data_on_device
         self.augment = augment  # e.g. src.data.augment.RandomCropFlip: uint8 batches, training only
+        for key, value in (("eval_max_samples", eval_max_samples), ("task_pass_max_samples", task_pass_max_samples)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                from src.continual.validate import ConfigError
+
+                raise ConfigError(f"dataset.{key}={value!r} is invalid: null (all) or an integer >= 1")
+        # debug=fast: evaluate on a subsample of every task, and cap the methods' own passes over a task's data
+        self.eval_max_samples, self.task_pass_max_samples = eval_max_samples, task_pass_max_samples
         self.data: ImageData | None = None
         self.task_list = []
         self.current_task = 0
@@ -126,8 +135,17 @@ class TaskSequenceDataModule(L.LightningDataModule):
         return self.eval_dataloaders(self.eval_split)
 
     def eval_dataloaders(self, split: str = "test") -> list[TensorBatchLoader]:
-        """One loader per task (seen or not), in task order; `split` is "test" or "val"."""
-        return [self._loader(split, [t], self.eval_batch_size, shuffle=False) for t in range(self.n_tasks)]
+        """One loader per task (seen or not), in task order; `split` is "test" or "val".
+
+        With `eval_max_samples` = N, each task's N samples at evenly spaced positions of its split (a task's samples
+        are stored class by class, so its first N would be one class): the same samples at every evaluation."""
+        loaders = [self._loader(split, [t], self.eval_batch_size, shuffle=False) for t in range(self.n_tasks)]
+        for loader in loaders:
+            n = len(loader.index)
+            if self.eval_max_samples is not None and n > self.eval_max_samples:
+                keep = (torch.arange(self.eval_max_samples) * n // self.eval_max_samples).to(loader.index.device)
+                loader.index, loader.labels, loader.task_ids = loader.index[keep], loader.labels[keep], loader.task_ids[keep]
+        return loaders
 
     def task_batches(self, task: int, split: str = "train", batch_size: int | None = None, device=None,
                      max_samples: int | None = None):
@@ -135,7 +153,10 @@ class TaskSequenceDataModule(L.LightningDataModule):
 
         In order (no shuffling), at most `max_samples` samples (the first ones of this task), and sharded over DDP
         ranks like evaluation: each rank sees a disjoint part and together they see each sample once.
+        `task_pass_max_samples` (debug=fast) caps `max_samples`.
         """
+        if self.task_pass_max_samples is not None:
+            max_samples = min(max_samples or self.task_pass_max_samples, self.task_pass_max_samples)
         loader = self._loader(split, [task], batch_size or self.eval_batch_size, shuffle=False)
         if max_samples is not None:
             loader.index, loader.labels, loader.task_ids = (
