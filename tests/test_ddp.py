@@ -239,10 +239,10 @@ def test_must_hold_default_ewc_job_on_two_processes(tmp_path):
 
 # 3 classes per task, 91 training images each after the validation split: 273 per task, in global batches of 20 =
 # 14 steps per pass whose last has 13 images, cut 6 + 7 (loss weights 12/13 and 14/13); augmented; superbatches of 4
-UNEVEN = (*SYNTHETIC, "+dataset.source.n_train=101", "+dataset.source.n_classes=6", "+dataset.source.shape=[3,8,8]",
+UNEVEN = (SYNTHETIC[0], "+dataset.source.n_train=101", "+dataset.source.n_classes=6", "+dataset.source.shape=[3,8,8]",
           "dataset.tasks.n_tasks=2", "dataset.tasks.classes_per_task=3", "dataset.batch_size=20", "steps_per_batch=4",
           "+dataset.augment._target_=src.data.augment.RandomCropFlip", "+dataset.augment.padding=2",
-          "model=convnet", "model.channels=[8,16]", "method=ewc", "optimizer=sgd", "optimizer.lr=0.05")
+          "model=convnet", "model.channels=[8,16]", "method=ewc", "method.lambda=100", *SGD)
 
 
 def test_uneven_last_batch_augmentation_superbatches_and_synchronised_batchnorm(tmp_path):

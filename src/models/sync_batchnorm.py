@@ -1,9 +1,10 @@
 """Synchronised BatchNorm on any device: the batch statistics of the GLOBAL batch, as one process computes them.
 
 Lightning's `trainer.sync_batchnorm=true` converts BatchNorm layers to `torch.nn.SyncBatchNorm`, which refuses CPU
-tensors (torch's kernels are CUDA-only), so a CPU (gloo) DDP run could not synchronise. `SyncBatchNormAnyDevice` is
-a Lightning LayerSync plugin (conf/trainer/ddp.yaml: `plugins`) that converts to `AnyDeviceSyncBatchNorm`: torch's own
-kernels on accelerators, and on a CPU two differentiable all-reduces (sum, then the sum of squared deviations from the
+tensors (torch's kernels are CUDA-only, and DDP refuses SyncBatchNorm layers of a CPU module), so a CPU (gloo) DDP run
+could not synchronise. `SyncBatchNormAnyDevice` is a Lightning LayerSync plugin (conf/trainer/ddp.yaml: `plugins`)
+that turns every BatchNorm layer, in place, into `AnyDeviceSyncBatchNorm` for the fit (and back after it): torch's
+SyncBatchNorm on accelerators, and on a CPU two differentiable all-reduces (sums, then the squared deviations from the
 global mean) whose backward sums the gradients over the processes, so the gradient is that of the global batch too.
 Running statistics are updated from the global mean and unbiased variance, as one process updates them.
 """
@@ -15,14 +16,28 @@ import torch.distributed as dist
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import nn
 from torch.distributed.nn.functional import all_reduce
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
-class AnyDeviceSyncBatchNorm(nn.SyncBatchNorm):
+class AnyDeviceSyncBatchNorm(_BatchNorm):
+    """A BatchNorm layer (its class swapped in place; `_original_class` is what it was) that normalises training
+    batches with the statistics of all processes' batches together."""
+
+    process_group = None
+    _original_class: type = nn.BatchNorm2d
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        self._original_class._check_input_dim(self, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        syncing = (self.training and x.device.type == "cpu" and dist.is_available() and dist.is_initialized()
+        syncing = (self.training and dist.is_available() and dist.is_initialized()
                    and dist.get_world_size(self.process_group or dist.group.WORLD) > 1)
         if not syncing:
-            return super().forward(x)
+            return self._original_class.forward(self, x)
+        if x.device.type != "cpu":
+            return nn.SyncBatchNorm.forward(self, x)  # torch's kernels (one all-gather of the statistics)
+        self._check_input_dim(x)
         group = self.process_group or dist.group.WORLD
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
@@ -55,10 +70,15 @@ class SyncBatchNormAnyDevice(TorchSyncBatchNorm):
         self.enabled = bool(enabled)
 
     def apply(self, model: nn.Module) -> nn.Module:
-        if not self.enabled:
-            return model
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.enabled:
+            for module in model.modules():
+                if isinstance(module, _BatchNorm) and not isinstance(module, AnyDeviceSyncBatchNorm):
+                    module._original_class, module.__class__ = type(module), AnyDeviceSyncBatchNorm
+        return model
+
+    def revert(self, model: nn.Module) -> nn.Module:
         for module in model.modules():
-            if type(module) is nn.SyncBatchNorm:
-                module.__class__ = AnyDeviceSyncBatchNorm
+            if isinstance(module, AnyDeviceSyncBatchNorm):
+                module.__class__ = module._original_class
+                del module._original_class
         return model
