@@ -224,7 +224,7 @@ def test_two_processes_train_the_single_process_run_on_split_fashion_mnist(tmp_p
                      "trainer.max_steps=12")
     assert runs["one"][0]["steps_per_task"] == runs["two"][0]["steps_per_task"] == [12, 12, 12]
     weights, cells = _largest_differences(runs)
-    assert weights < 1e-5 and cells <= 0.005
+    assert weights < 1e-4 and cells <= 0.005
 
 
 @pytest.mark.slow
