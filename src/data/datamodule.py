@@ -72,7 +72,7 @@ class TaskSequenceDataModule(L.LightningDataModule):
     def _check_and_weight_global_batches(self) -> None:
         """Under DDP, before anything trains: refuse a global batch the processes cannot share (one line), and add
         the callback that weights uneven last parts of a pass."""
-        rank, world = self._rank_world()
+        world = self.world_size()
         if world <= 1:
             return
         module = getattr(self.trainer, "lightning_module", None)
@@ -201,8 +201,10 @@ class TaskSequenceDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 → normalised float in one fused pass on the training device, then the task's own transform.
 
-        A training superbatch (steps_per_batch > 1) becomes the list of its steps' batches, each cut at `batch_size`
-        (the last of a pass may be smaller) and prepared exactly as it would be on its own at its step."""
+        A training superbatch (steps_per_batch > 1) becomes the list of its steps' batches, each this process's part of
+        its step's global batch (batch_size / W rows; the last of a pass may have fewer), prepared exactly as it would
+        be on its own at its step. Under DDP the augmentation draws are those of the global batch (each process
+        applies its rows'), and each step's loss weight is queued for GlobalBatchLossWeights (1 for equal parts)."""
         training = self.trainer is not None and self.trainer.training
         if not training:
             return self._prepare(batch, None)
