@@ -81,10 +81,11 @@ def test_superbatches_are_consecutive_steps_cut_at_the_pass_end_and_the_budget()
     _, groups = _groups(5, 3, skip_position=12 + 6)  # second pass, from its 7th step, 3 steps left
     _, second_pass = _groups(1, None, skip_position=12)
     assert [len(g) for g in groups] == [3 * 16, 16, 16 + 4] and torch.equal(groups[0], torch.cat(second_pass[6:9]))
-    for rank in (0, 1):  # DDP: each rank's shard is grouped the same way
+    for rank in (0, 1):  # DDP: each rank holds its half of every global step, grouped in the same superbatches
         _, shard_steps = _groups(1, None, rank=rank, world_size=2)
         _, shard_groups = _groups(8, None, rank=rank, world_size=2)
-        assert [len(g) for g in shard_groups] == [90]  # 90 samples per rank: 6 steps
+        assert [len(s) for s in shard_steps] == [8] * 11 + [2]  # 12 global steps of 16 (the last of 4)
+        assert [len(g) for g in shard_groups] == [8 * 8, 3 * 8 + 2]
         assert torch.equal(torch.cat(shard_groups), torch.cat(shard_steps))
 
 

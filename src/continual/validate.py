@@ -324,6 +324,7 @@ def validate_config(cfg: DictConfig) -> None:
         _check(isinstance(epochs, int) and epochs >= 1, "trainer.max_epochs", epochs, "an integer >= 1 (epochs per task)")
     for key in ("batch_size", "eval_batch_size"):
         _check(isinstance(data[key], int) and data[key] >= 1, f"dataset.{key}", data[key], "an integer >= 1")
+    _check_global_batch(cfg)
     val = data.get("val_fraction", 0.0)
     _check(isinstance(val, (int, float)) and 0.0 <= val < 1.0, "dataset.val_fraction", val, "a number in [0, 1)")
     on_device = data.get("data_on_device", "auto")
@@ -379,3 +380,13 @@ def validate_config(cfg: DictConfig) -> None:
                 f"{_choice('model', 'model')} cannot take the input of {_choice('dataset', 'the dataset')} "
                 f"(shape {tuple(input_shape)}): {str(err).splitlines()[0]}"
             ) from None
+
+
+def _check_global_batch(cfg: DictConfig) -> None:
+    """DDP: dataset.batch_size is the global batch, cut into equal parts for the processes (src/data/global_batch.py);
+    the DataModule checks it again with the real world size, and the last batch of every pass, once data are loaded."""
+    from src.data.global_batch import check_global_batch, world_size_of
+
+    world = world_size_of(cfg.trainer)
+    if world is not None and isinstance(cfg.dataset.batch_size, int):
+        check_global_batch(cfg.dataset.batch_size, world)

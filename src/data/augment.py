@@ -32,13 +32,19 @@ class RandomCropFlip:
         self.padding, self.flip, self.seed = padding, flip, seed
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: tuple[int, int] | None = None, total: int | None = None) -> torch.Tensor:
+        """Augment `x`. Under DDP `x` is rows [start, stop) = `rows` of a global batch of `total` rows: the draws are
+        made for all `total` rows, as one process makes them, and those of `rows` are applied."""
         n, c, h, w = x.shape
         p = self.padding
         if p == 0 and not self.flip:
             return x
-        offsets = torch.randint(0, 2 * p + 1, (2, n), generator=self.generator)
-        flips = torch.rand(n, generator=self.generator) < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
+        start, stop = rows if rows is not None else (0, n)
+        total = n if total is None else total
+        if stop - start != n or not 0 <= start <= stop <= total:
+            raise ValueError(f"rows {rows} of a batch of {total} do not match {n} images")
+        offsets = torch.randint(0, 2 * p + 1, (2, total), generator=self.generator)[:, start:stop]
+        flips = torch.rand(total, generator=self.generator)[start:stop] < 0.5 if self.flip else torch.zeros(n, dtype=torch.bool)
         offsets, flips = _to_device(offsets, x.device), _to_device(flips, x.device)
         padded = F.pad(x, (p, p, p, p)) if p else x
         rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # n × h rows of the padded image

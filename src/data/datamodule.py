@@ -6,10 +6,14 @@ reach the device. Batches are `(x, local_label, task_id)`; the scenario maps loc
 
 from __future__ import annotations
 
+from collections import deque
+
 import lightning as L
 import torch
 
+from src.data.global_batch import StepLayout, batch_sizes_of_pass, check_global_batch
 from src.data.loader import TensorBatchLoader
+from src.data.loss_weights import GlobalBatchLossWeights
 from src.data.source import ImageData
 
 
@@ -51,6 +55,10 @@ class TaskSequenceDataModule(L.LightningDataModule):
         self.steps_per_batch = 1
         self.eval_split = "test"  # what `test_dataloader` serves: "test", or "val" (carved from train)
         self._norm_cache: dict = {}
+        # DDP (src/data/global_batch.py): `batch_size` is the global batch. The loss weights of the training steps
+        # prepared but not yet back-propagated (taken by GlobalBatchLossWeights)
+        self._train_loader: TensorBatchLoader | None = None
+        self._loss_weights: deque[float] = deque()
 
     # ---- loading -------------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -64,10 +72,47 @@ class TaskSequenceDataModule(L.LightningDataModule):
             self.task_list = self.tasks.build(
                 self.data.train_y, self.data.test_y, self.data.n_classes, self.val_fraction, self.seed
             )
+        self._check_and_weight_global_batches()
         strategy = getattr(self.trainer, "strategy", None)
         if self.data_on_device and strategy is not None and self._keep_on_device(strategy.root_device):
             device = strategy.root_device
             self.data.train_x, self.data.test_x = self.data.train_x.to(device), self.data.test_x.to(device)
+
+    def _check_and_weight_global_batches(self) -> None:
+        """Under DDP, before anything trains: refuse a global batch the processes cannot share (one line), and add
+        the callback that weights uneven last parts of a pass."""
+        world = self.world_size()
+        if world <= 1:
+            return
+        module = getattr(self.trainer, "lightning_module", None)
+        joint = bool(getattr(getattr(module, "regularizer", None), "trains_on_past_tasks", False))
+        sizes = {}
+        for t, task in enumerate(self.task_list):
+            served = self.task_list[: t + 1] if joint else [task]
+            sizes[f"task {t}'s training set" + (" and the tasks before it" if joint and t else "")] = sum(
+                len(p.train_index) for p in served)
+        check_global_batch(self.batch_size, world, sizes)
+        if not any(isinstance(c, GlobalBatchLossWeights) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(GlobalBatchLossWeights(self))
+
+    def world_size(self) -> int:
+        """Processes sharing every global batch (1 without DDP)."""
+        return self._rank_world()[1]
+
+    def rank_batch_size(self) -> int:
+        """Rows of a full training batch on this process: batch_size / world_size (the last of a pass may have
+        fewer)."""
+        return self.batch_size // self.world_size()
+
+    def rank_rows(self, global_size: int) -> tuple[int, int]:
+        """This process's rows [start, stop) of a global batch of `global_size` rows, by the rule training batches are
+        cut with (e.g. for a method's own replay batch: draw it for the global batch, keep these rows)."""
+        rank, world = self._rank_world()
+        return global_size * rank // world, global_size * (rank + 1) // world
+
+    def next_loss_weight(self) -> float:
+        """The loss weight of the oldest prepared training step not yet back-propagated (1 when none is known)."""
+        return self._loss_weights.popleft() if self._loss_weights else 1.0
 
     def _keep_on_device(self, device: torch.device) -> bool:
         """`data_on_device`: "auto" keeps the uint8 images on an accelerator (a GPU holds CIFAR-100 in 180 MB and then
@@ -129,6 +174,8 @@ class TaskSequenceDataModule(L.LightningDataModule):
             if self.steps_per_batch > 1:
                 loader.steps_per_batch = self.steps_per_batch
                 loader.budget_source = lambda: _steps_left(trainer)
+        self._train_loader = loader
+        self._loss_weights.clear()
         return loader
 
     def test_dataloader(self):
@@ -175,22 +222,42 @@ class TaskSequenceDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 → normalised float in one fused pass on the training device, then the task's own transform.
 
-        A training superbatch (steps_per_batch > 1) becomes the list of its steps' batches, each cut at `batch_size`
-        (the last of a pass may be smaller) and prepared exactly as it would be on its own at its step."""
+        A training superbatch (steps_per_batch > 1) becomes the list of its steps' batches, each this process's part of
+        its step's global batch (batch_size / W rows; the last of a pass may have fewer), prepared exactly as it would
+        be on its own at its step. Under DDP the augmentation draws are those of the global batch (each process
+        applies its rows'), and each step's loss weight is queued for GlobalBatchLossWeights (1 for equal parts)."""
         training = self.trainer is not None and self.trainer.training
-        if training and self.steps_per_batch > 1:
-            step = self.trainer.global_step
-            return [self._prepare(part, step + i) for i, part in enumerate(zip(*(b.split(self.batch_size) for b in batch),
-                                                                              strict=True))]
-        return self._prepare(batch, self.trainer.global_step if training else None)
+        if not training:
+            return self._prepare(batch, None)
+        layouts = self._layouts_of(batch)
+        # the loss weights of the steps of this batch, in the order they are back-propagated (1 for equal parts)
+        self._loss_weights = deque(layout.loss_weight for layout in layouts)
+        step = self.trainer.global_step
+        if self.steps_per_batch > 1:
+            sizes = [layout.rows for layout in layouts]
+            return [self._prepare(part, step + i, layout) for i, (part, layout) in
+                    enumerate(zip(zip(*(b.split(sizes) for b in batch), strict=True), layouts, strict=True))]
+        return self._prepare(batch, step, layouts[0])
 
-    def _prepare(self, batch, global_step: int | None):
+    def _layouts_of(self, batch) -> list[StepLayout]:
+        """The layouts of the steps of a training batch, as the loader yielded them (it is one item ahead of us);
+        without them (a batch not from our loader), whole single-process batches of `batch_size`."""
+        loader = self._train_loader
+        if loader is not None and loader.layouts:
+            return loader.layouts.popleft()
+        return [StepLayout(g, 0, g) for g in batch_sizes_of_pass(len(batch[1]), self.batch_size)]
+
+    def _prepare(self, batch, global_step: int | None, layout: StepLayout | None = None):
         x, y, task_ids = batch
         if self.augment is not None and global_step is not None:
-            # the draws of a training step depend only on (seed, task, step in the task), as the batch order does
+            # the draws of a training step depend only on (seed, task, step in the task), as the batch order does;
+            # under DDP they are the draws of the whole global batch, of which this rank applies its rows'
             step = global_step - self.task_start_step
             self.augment.reseed(hash((self.augment.seed, self.current_task, step)) % 2**62)
-            x = self.augment(x)
+            if layout is None or (layout.start, layout.stop) == (0, layout.global_size):
+                x = self.augment(x)
+            else:
+                x = self.augment(x, rows=(layout.start, layout.stop), total=layout.global_size)
         key = (x.device, x.shape[1])
         if key not in self._norm_cache:
             std = torch.tensor(self.data.std, device=x.device).view(1, -1, 1, 1)
