@@ -35,6 +35,7 @@ class LogPosition:
     batches: int
     global_step: int
     phase: str
+    task_end_row: dict | None = None  # "done": the evaluation rows logged at `global_step` just before it
 
     @classmethod
     def of_checkpoint(cls, path: Path) -> LogPosition:
@@ -43,7 +44,14 @@ class LogPosition:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         epoch_loop = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
         step = int(ckpt.get("global_step", 0))
-        return cls(int(epoch_loop.get("_batches_that_stepped", step)), step, ckpt.get("continual", {}).get("phase", "done"))
+        state = ckpt.get("continual", {})
+        results = state.get("results", {})
+        row = None
+        if state.get("phase", "done") == "done" and results.get("acc_matrix"):  # as TaskLoop._log_row logs it
+            row = {f"eval/acc_task_{j}": acc for j, acc in enumerate(results["acc_matrix"][-1])}
+            row["eval/avg_acc_seen"] = results["avg_acc_per_step"][-1]
+            row["eval/tasks_trained"] = len(results["acc_matrix"])
+        return cls(int(epoch_loop.get("_batches_that_stepped", step)), step, state.get("phase", "done"), row)
 
     def logged_before(self, row: dict) -> bool:
         """Whether a row of metrics.csv was logged before this checkpoint was taken."""
@@ -98,12 +106,15 @@ class ContinuingCSVLogger(CSVLogger):
 
 
 class ContinuingTensorBoardLogger(TensorBoardLogger):
-    """`logger=tensorboard`: a resumed run writes a new event file into the same folder, and TensorBoard hides what
-    the old ones logged from the checkpoint on (`purge_step`)."""
+    """`logger=tensorboard`: a resumed run writes a new event file into the same folder, and TensorBoard hides
+    every event the old ones hold from the checkpoint's step on (`purge_step`: it cannot tell rows apart by kind, so
+    the evaluation rows a "done" checkpoint follows are logged again, from the checkpoint)."""
 
     def continue_from(self, position: LogPosition) -> None:
         if self._experiment is None:
-            self._kwargs["purge_step"] = position.global_step + (1 if position.phase == "done" else 0)
+            self._kwargs["purge_step"] = position.global_step
+        if position.task_end_row:
+            self.log_metrics(position.task_end_row, step=position.global_step)
 
 
 def previous_wandb_id(save_dir) -> str | None:
