@@ -13,6 +13,7 @@ other difference from the run's `config.yaml` is refused, all of them in one lin
 
 from __future__ import annotations
 
+import os
 import sys
 from contextlib import contextmanager
 from datetime import datetime
@@ -193,4 +194,5 @@ class ResumeInItsFolder(Callback):
                 del config[key]
             config.hydra.runtime.choices = job["hydra"]["runtime"]["choices"]
             config.hydra.run.dir = str(Path(config.resume).absolute())  # its own folder, whatever hydra.run.dir says
-            config.hydra.output_subdir = f".hydra/resumes/{datetime.now():%Y-%m-%d_%H-%M-%S}"
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # DDP's other ranks: Lightning names their subdir
+                config.hydra.output_subdir = f".hydra/resumes/{datetime.now():%Y-%m-%d_%H-%M-%S}"
