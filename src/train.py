@@ -1,12 +1,14 @@
 """Train one model on a sequence of tasks and measure what it forgets.
 
-    python -m src.train                                    # EWC-free default: finetune on Split Fashion-MNIST
+    python -m src.train                                    # the default: EWC on Split Fashion-MNIST, task-incremental
     python -m src.train method=joint scenario=class trainer.max_epochs=2
+    python -m src.train resume=<run folder>                # continue a killed run with its own config
     python -m src.train --help                             # config groups and their options
 
 Composes the config, validates it, builds the DataModule, model, regularizer, loggers and trainer from their
 `_target_`s, runs the task loop and returns the objective a sweeper maximises (validation average accuracy when a
-validation split exists, else test average accuracy).
+validation split exists, else test average accuracy). A run that fails before training leaves a results.json with
+status `failed` and the one-line reason; in a multirun such a job fails alone (docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -21,10 +23,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from src.continual.results import write_text_atomic
+from src.continual import resume
+from src.continual.results import SCHEMA_VERSION, write_json_atomic, write_text_atomic
 from src.continual.validate import ConfigError, validate_config
 from src.data.download import DatasetError
 from src.data.source import LoadingInBackground
@@ -44,53 +49,69 @@ warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*"
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
-# `resume=<folder>` makes that folder the run folder (conf/hydra/default.yaml)
+# `resume=<folder>` makes that folder the run folder (conf/hydra/default.yaml, src/continual/resume.py)
 OmegaConf.register_new_resolver("resume_or", lambda resume, default: str(resume) if resume else default, replace=True)
 
-# What may differ between a run and its continuation: where things are written, how often it checkpoints.
-MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "paths", "logger", "callbacks", "checkpoint", "save_checkpoints",
-                        "trainer.default_root_dir")
-# Keys added after runs may have been started, with the value that reproduces those runs: a run folder whose
-# config.yaml lacks one was made with that value (so it can still be resumed).
-ADDED_KEYS = {"steps_per_batch": 1}
+# What may differ between a run and its continuation (src/continual/resume.py checks the rest)
+MAY_DIFFER_ON_RESUME, ADDED_KEYS = resume.MAY_DIFFER_ON_RESUME, resume.ADDED_KEYS
 
 
-def _flatten(tree, prefix=""):
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from _flatten(value, f"{prefix}{key}.")
-    else:
-        yield prefix[:-1], tree
+class JobFailed(CompactHydraException):
+    """A multirun job that failed: Hydra's launchers record it and run the other jobs (a SystemExit would end the
+    whole sweep); Hydra prints this one line and exits 1 at the end of the sweep."""
 
 
 def checkpoint_to_resume(cfg: DictConfig) -> Path | None:
-    """The checkpoint `resume=`/`ckpt_path=` point at, after checking it belongs to a run of the same config."""
+    """The checkpoint `resume=`/`ckpt_path=` point at, after checking it belongs to a run of the same config (all
+    the differences at once). A single-run `resume=` was checked already, before Hydra wrote anything."""
     if not cfg.get("resume") and not cfg.get("ckpt_path"):
         return None
     key = "ckpt_path" if cfg.get("ckpt_path") else "resume"
     ckpt = Path(cfg.ckpt_path) if cfg.get("ckpt_path") else Path(cfg.resume) / "checkpoints" / "last.ckpt"
     source = Path(cfg.resume) if cfg.get("resume") else ckpt.parent.parent
-    if not (source / "config.yaml").is_file():
-        raise ConfigError(f"{key}={cfg[key]!r} is invalid: {source} is not a run folder (it has no config.yaml)")
-    if not ckpt.is_file():
-        raise ConfigError(f"{key}={cfg[key]!r} is invalid: there is no checkpoint {ckpt} (nothing to continue from)")
-    before = {**ADDED_KEYS, **dict(_flatten(OmegaConf.to_container(OmegaConf.load(source / "config.yaml"))))}
-    now = dict(_flatten(OmegaConf.to_container(cfg, resolve=True)))
-    for name in sorted(before.keys() | now.keys()):
-        if any(name == k or name.startswith(k + ".") for k in MAY_DIFFER_ON_RESUME):
-            continue
-        if before.get(name, "<absent>") != now.get(name, "<absent>"):
-            raise ConfigError(
-                f"{key}={cfg[key]!r} is invalid: that run was made with {name}={before.get(name, '<absent>')!r}, "
-                f"this config has {name}={now.get(name, '<absent>')!r}"
-            )
+    resume.check_run_folder(key, cfg[key], source, ckpt)
+    now = dict(resume.flatten(OmegaConf.to_container(cfg, resolve=True)))
+    differences = resume.config_differences(resume.saved_config(source), now)
+    if differences:
+        raise resume.refusal(key, cfg[key], differences)
     return ckpt
 
 
-def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, source=None):
+def fail_before_training(run_dir: Path, cfg: DictConfig, err: Exception, code: int = 2) -> None:
+    """One line, and a results.json (status `failed`) that says why: a new one, or the resumed run's own with its
+    status changed. Then exit `code`, or, in a multirun, fail this job alone."""
+    print(f"error: {err}", file=sys.stderr)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+        path = run_dir / "results.json"
+        try:
+            results = json.loads(path.read_text()) if path.is_file() else None
+        except (OSError, ValueError):
+            results = None
+        if results is None:
+            try:
+                config = OmegaConf.to_container(cfg, resolve=True)
+            except Exception:  # an interpolation that does not resolve: the config as written
+                config = OmegaConf.to_container(cfg, resolve=False)
+            results = {"schema_version": SCHEMA_VERSION, "config": config}
+        results.update(status="failed", error=str(err))
+        try:
+            write_json_atomic(path, results)
+        except OSError:  # e.g. a run folder that is not writable: the line above is all there is
+            pass
+    exit_job(code, f"error: {err}")
+
+
+def exit_job(code: int, line: str) -> None:
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise JobFailed(line)
+    sys.exit(code)
+
+
+def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, source=None, resume_from: Path | None = None):
     """Everything a run needs, built from the config; `TaskLoop.run()` then trains the whole sequence.
     `validate=False` when the caller has already checked the config; `source`: the dataset source to use instead of
-    a new one from the config (e.g. one already loading in the background)."""
+    a new one from the config (e.g. one already loading in the background); `resume_from`: the checkpoint the run
+    will continue from (its loggers then continue their logs from there)."""
     import lightning as L
 
     from src.continual.module import ContinualModule
@@ -115,7 +136,7 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
         reset_optimizer=cfg.reset_optimizer, steps_per_batch=cfg.get("steps_per_batch", 1),
     )
     datamodule.steps_per_batch = module.steps_per_batch
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    loggers = build_loggers(cfg, resume_from)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     for logger in loggers:
@@ -130,13 +151,36 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
     return loop
 
 
+def build_loggers(cfg: DictConfig, resume_from: Path | None = None) -> list:
+    """The loggers of `logger=…`; when resuming, they continue the run's logs (src/continual/loggers.py)."""
+    from src.continual.loggers import LogPosition, previous_wandb_id
+
+    loggers = []
+    for node in (cfg.get("logger") or {}).values():
+        extra = {}
+        if resume_from is not None and "wandb" in str(node.get("_target_", "")).lower():
+            run_id = previous_wandb_id(node.save_dir)
+            if run_id is not None:
+                extra = {"id": run_id, "resume": "allow"}
+        loggers.append(instantiate(node, **extra))
+    if resume_from is not None:
+        position = LogPosition.of_checkpoint(resume_from)
+        for logger in loggers:
+            if hasattr(logger, "continue_from"):
+                logger.continue_from(position)
+    return loggers
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    # resume=<folder> continues in that folder (it is also Hydra's run folder unless hydra.run.dir says otherwise)
-    run_dir = Path(cfg.resume) if cfg.get("resume") else Path(HydraConfig.get().runtime.output_dir)
+    # resume=<folder> continues in that folder (in a single run it is also Hydra's: src/continual/resume.py)
+    output_dir = Path(HydraConfig.get().runtime.output_dir)
+    run_dir = Path(cfg.resume) if cfg.get("resume") else output_dir
+    failures_to = output_dir  # a refused resume= or ckpt_path= leaves the run it names as it was
     try:
         validate_config(cfg)
         ckpt = checkpoint_to_resume(cfg)
+        failures_to = run_dir
         previous = run_dir / "results.json"
         if ckpt is not None and cfg.get("resume") and previous.is_file():
             results = json.loads(previous.read_text())
@@ -144,20 +188,20 @@ def main(cfg: DictConfig) -> float | None:
                 log.info("%s already finished; nothing to do", run_dir)
                 return results["val_avg_acc"] if results.get("val_avg_acc") is not None else results["avg_acc"]
         source = LoadingInBackground(instantiate(cfg.dataset.source))
-    except (ConfigError, DatasetError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    from src.continual.module import NonFiniteLossError  # Lightning: imported while the dataset loads
-    from src.continual.task_loop import ResumeError
+        from src.continual.module import NonFiniteLossError  # Lightning: imported while the dataset loads
+        from src.continual.task_loop import ResumeError
 
-    try:
-        results = build_task_loop(cfg, run_dir, validate=False, source=source).run(resume_from=ckpt)
+        loop = build_task_loop(cfg, run_dir, validate=False, source=source, resume_from=ckpt)
+    except (ConfigError, DatasetError) as err:
+        return fail_before_training(failures_to, cfg, err)
+    try:  # from here on the task loop keeps results.json (status `failed` and why, if it fails)
+        results = loop.run(resume_from=ckpt)
     except (ConfigError, DatasetError, ResumeError) as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        return exit_job(2, f"error: {err}")
     except NonFiniteLossError as err:  # results.json says failed and why; the last good checkpoint stays
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(3)
+        return exit_job(3, f"error: {err}")
     return results["val_avg_acc"] if results["val_avg_acc"] is not None else results["avg_acc"]
 
 

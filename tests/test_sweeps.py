@@ -144,3 +144,18 @@ def test_slurm_preset_makes_the_sbatch_script(tmp_path, monkeypatch):
     for line in ("--partition=big", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=240",
                  "--cpus-per-task=8", "--mem=64GB"):
         assert f"#SBATCH {line}" in sbatch, (line, sbatch)
+
+
+def test_a_bad_job_fails_alone_and_the_sweep_exits_non_zero(tmp_path):
+    """`method.lambda=-1` fails with its one line and a results.json that says why; the job after it runs to the end
+    (a SystemExit would have ended the sweep at the bad job); the sweep exits 1."""
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "src.train", "-m", f"hydra.sweep.dir={sweep_dir}", *TINY, "method=ewc",
+           "method.lambda=-1,10"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    line = "error: method.lambda=-1 is invalid: a number >= 0"
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert line in proc.stderr.splitlines()
+    assert [read_results(sweep_dir / str(n))["status"] for n in range(2)] == ["failed", "finished"]
+    assert f"error: {read_results(sweep_dir / '0')['error']}" == line
+    assert read_results(sweep_dir / "1")["config"]["method"]["lambda"] == 10

@@ -166,3 +166,32 @@ def test_logged_keys_and_values(sweep):
     for key in ("avg_acc", "forgetting", "bwt", "fwt", "val_avg_acc", "wall_time_s"):
         assert run["summary"][f"final/{key}"] == pytest.approx(results[key], abs=1e-6), key
     assert run["summary"]["final/task_times_s"] == pytest.approx(results["task_times_s"], abs=1e-6)
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path):
+    """SIGKILL mid-task (tests/kill_at_step.py), then `resume=`: the continuation logs into the same run id (a second
+    offline folder, which `wandb sync` merges into that run), from the checkpoint's step on."""
+    folder = tmp_path / "run"
+    common = ["callbacks=none", *SYNTHETIC, "method=finetune", "logger=wandb", "dataset.tasks.n_tasks=2",
+              "trainer.max_steps=7", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=3"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    kill = ["+callbacks.kill._target_=tests.kill_at_step.KillAtStep", "+callbacks.kill.step=11",
+            f"+callbacks.kill.marker={tmp_path / 'killed'}"]
+    proc = subprocess.run([sys.executable, "-m", "src.train", f"hydra.run.dir={folder}", *common, *kill], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    (first,) = folder.glob("wandb/offline-run-*")
+    proc = subprocess.run([sys.executable, "-m", "src.train", f"resume={folder}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folders = sorted(folder.glob("wandb/offline-run-*"))
+    assert len(folders) == 2 and first in folders
+    assert {f.name.rsplit("-", 1)[1] for f in folders} == {first.name.rsplit("-", 1)[1]}  # one run id
+    (resumed,) = [f for f in folders if f != first]
+    records = [r for r in wandb_records(next(resumed.glob("run-*.wandb")))]
+    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    assert run.run_id == first.name.rsplit("-", 1)[1]
+    steps = [h["trainer/global_step"] for h in (_items(r.history.item) for r in records
+                                                 if r.WhichOneof("record_type") == "history") if "train/loss" in h]
+    assert steps == list(range(9, 14))  # from the checkpoint (global step 9) to the end of task 2
+    assert read_results(folder)["status"] == "finished"

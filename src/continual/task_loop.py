@@ -208,6 +208,9 @@ class TaskLoop:
                    "after its evaluation" if state["phase"] == "done" else f"at step {checkpoint['global_step']}")
         if state["phase"] == "done":
             self.module.load_state_dict(checkpoint["state_dict"])
+            # Lightning's counters as they were (global step, epoch, batches): the logs go on from there
+            self.trainer.fit_loop.load_state_dict(checkpoint["loops"]["fit_loop"])
+            self.trainer.fit_loop.restarting = False
             restore_rng(state["rng"])
             return task + 1, None
         return task, {**state, "path": str(path)}
