@@ -24,7 +24,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from src.continual.preemption import stops_on_signal  # preempt: SIGTERM/SIGINT/SIGUSR1 -> checkpoint, exit 128+n
 from src.continual.results import write_text_atomic
+from src.continual.run_lock import hold_run_lock  # preempt: one live run per run folder
 from src.continual.validate import ConfigError, validate_config
 from src.data.download import DatasetError
 from src.data.source import LoadingInBackground
@@ -131,6 +133,7 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@stops_on_signal  # preempt
 def main(cfg: DictConfig) -> float | None:
     # resume=<folder> continues in that folder (it is also Hydra's run folder unless hydra.run.dir says otherwise)
     run_dir = Path(cfg.resume) if cfg.get("resume") else Path(HydraConfig.get().runtime.output_dir)
@@ -143,6 +146,7 @@ def main(cfg: DictConfig) -> float | None:
             if results.get("status") == "finished":
                 log.info("%s already finished; nothing to do", run_dir)
                 return results["val_avg_acc"] if results.get("val_avg_acc") is not None else results["avg_acc"]
+        hold_run_lock(run_dir)  # preempt: a second live run into this folder is refused (exit 2)
         source = LoadingInBackground(instantiate(cfg.dataset.source))
     except (ConfigError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
