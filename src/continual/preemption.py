@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-class Interrupted(Exception):
-    """The run stopped on a signal; the entry point exits with `exit_code` (128 + the signal's number)."""
+class Interrupted(BaseException):
+    """The run stopped on a signal; the entry point exits with `exit_code` (128 + the signal's number). A
+    BaseException, as KeyboardInterrupt is: no `except Exception` on the way may swallow it."""
 
     def __init__(self, signum: int, detail: str = ""):
         self.signum = int(signum)
