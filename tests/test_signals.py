@@ -37,7 +37,8 @@ class SignalAtStep(L.Callback):
     def _send(self, trainer) -> None:
         if not self.sent and trainer.global_step >= self.step:
             self.sent = True
-            os.kill(os.getpid(), self.signum)
+            if trainer.global_rank == 0:  # as `kill <pid>` does; under DDP Lightning forwards SIGTERM to the ranks
+                os.kill(os.getpid(), self.signum)
 
     def on_train_batch_start(self, trainer, *args):
         if self.hook == "batch":

@@ -11,7 +11,8 @@ so the handler only records the signal; the run stops at the next safe point, wh
   A signal during the task end or during a checkpoint write therefore waits for them: a checkpoint is never cut.
 
 Before the task loop runs (imports, config, data) there is nothing to save: the handler stops the run at once.
-A second signal while the first waits for its safe point also stops at once, keeping the newest checkpoint.
+A second SIGINT (Ctrl-C twice) while the first waits for its safe point stops at once, keeping the newest checkpoint;
+other repeats are ignored (a DDP rank may get SIGTERM twice: from SLURM and forwarded by Lightning's launcher).
 Under DDP every rank stops at the same step: each safe point takes the signal any rank has recorded (an all-reduce;
 Lightning's launcher forwards SIGTERM to the ranks it started, SLURM signals every rank itself).
 """
@@ -56,12 +57,16 @@ class Preemption:
         return self._installed
 
     def _on_signal(self, signum, frame) -> None:
-        if not self._deferring or self.received is not None:
-            self.received = self.received or signum
-            raise Interrupted(signum, "" if not self._deferring else " (a second signal: stopped at once)")
+        if not self._deferring:
+            self.received = signum
+            raise Interrupted(signum)
+        if self.received is not None:  # SIGTERM may come twice (SLURM, then Lightning forwarding it to its ranks)
+            if signum == signal.SIGINT == self.received:
+                raise Interrupted(signum, " (twice: stopped at once)")
+            return
         self.received = signum
-        print(f"{signal.Signals(signum).name} received: stopping at the next safe point (a second signal stops at "
-              "once)", file=sys.stderr, flush=True)
+        print(f"{signal.Signals(signum).name} received: stopping at the next safe point"
+              f"{' (Ctrl-C again: at once)' if signum == signal.SIGINT else ''}", file=sys.stderr, flush=True)
 
     @contextmanager
     def deferred(self):
