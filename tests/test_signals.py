@@ -94,8 +94,7 @@ def assert_equal_state(a, b):
         for key in a:
             assert_equal_state(a[key], b[key])
     elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert_equal_state(x, y)
     elif isinstance(a, torch.Tensor):
         assert torch.equal(a, b)

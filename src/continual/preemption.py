@@ -5,7 +5,7 @@ Stopping *inside* a signal handler would catch the run at an arbitrary point (ha
 so the handler only records the signal; the run stops at the next safe point, where its state is one that
 `resume=<run folder>` continues exactly:
 
-- inside a task (`PreemptionCallback`): after an optimizer step, as a mid-task checkpoint does (at an epoch's end
+- inside a task (`StopOnSignal`, src/continual/checkpointing.py): after an optimizer step, as a mid-task checkpoint does (at an epoch's end
   rather than after its last batch, whose checkpoint Lightning would restore one epoch too far on);
 - between tasks (`TaskLoop`): once the finished task's end (the Fisher, the evaluation) and its checkpoint are done.
   A signal during the task end or during a checkpoint write therefore waits for them: a checkpoint is never cut.
@@ -19,12 +19,9 @@ Lightning's launcher forwards SIGTERM to the ranks it started, SLURM signals eve
 
 from __future__ import annotations
 
-import logging
 import signal
 import sys
 from contextlib import contextmanager
-
-log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -45,16 +42,10 @@ class Preemption:
     def __init__(self):
         self.received: int | None = None
         self._deferring = False
-        self._installed = False
 
     def install(self, signals=SIGNALS) -> None:
         for signum in signals:
             signal.signal(signum, self._on_signal)
-        self._installed = True
-
-    @property
-    def installed(self) -> bool:
-        return self._installed
 
     def _on_signal(self, signum, frame) -> None:
         if not self._deferring:

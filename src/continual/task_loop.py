@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +18,10 @@ import lightning as L
 import torch
 
 from src.continual import metrics, wandb_report
-from src.continual.checkpointing import (StepCheckpoint, StopOnSignal, capture_rng, link_atomic, restore_rng,
-                                          save_atomic)
+from src.continual.checkpointing import StepCheckpoint, StopOnSignal, capture_rng, link_atomic, restore_rng, save_atomic
 from src.continual.module import ContinualModule
-from src.continual.preemption import PREEMPTION, Interrupted, interrupted_by_lightning
 from src.continual.plots import plot_accuracy_matrix, plot_average_accuracy
+from src.continual.preemption import PREEMPTION, Interrupted, interrupted_by_lightning
 from src.continual.results import SCHEMA_VERSION, format_table, write_json_atomic
 from src.data.datamodule import TaskSequenceDataModule
 
@@ -143,16 +141,17 @@ class TaskLoop:
             with PREEMPTION.deferred():
                 self._run(resume_from)
         except BaseException as err:
-            if interrupted_by_lightning(err):  # Lightning stopped on SIGTERM before a safe point of ours: the
-                err = Interrupted(signal.SIGTERM)  # newest checkpoint is the one to continue from
-            interrupted = isinstance(err, Interrupted)
+            # Lightning's own SIGTERMException: it stopped between our safe points (a signal just after one of
+            # them), so the newest checkpoint is the one to continue from
+            stopped = Interrupted(signal.SIGTERM) if interrupted_by_lightning(err) else err
+            interrupted = isinstance(stopped, Interrupted)
             self.results["status"] = "interrupted" if interrupted else "failed"
-            self.results["error"] = str(err) if interrupted else f"{type(err).__name__}: {err}"
+            self.results["error"] = str(stopped) if interrupted else f"{type(err).__name__}: {err}"
             self._write()
             if interrupted:
-                self._info("%s: continue with `python -m src.train resume=%s`", err, self.run_dir)
-            if interrupted and err is not sys.exc_info()[1]:
-                raise err from None
+                self._info("%s: continue with `python -m src.train resume=%s`", stopped, self.run_dir)
+            if stopped is not err:
+                raise stopped from None
             raise
         return self.results
 
