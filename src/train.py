@@ -29,7 +29,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from src.continual import resume
+from src.continual.preemption import stops_on_signal  # preempt: SIGTERM/SIGINT/SIGUSR1 -> checkpoint, exit 128+n
 from src.continual.results import SCHEMA_VERSION, write_json_atomic, write_text_atomic
+from src.continual.run_lock import RunFolderInUse, hold_run_lock  # preempt: one live run per run folder
 from src.continual.validate import ConfigError, validate_config
 from src.data.download import DatasetError
 from src.data.source import LoadingInBackground
@@ -172,6 +174,7 @@ def build_loggers(cfg: DictConfig, resume_from: Path | None = None) -> list:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@stops_on_signal  # preempt
 def main(cfg: DictConfig) -> float | None:
     # resume=<folder> continues in that folder (in a single run it is also Hydra's: src/continual/resume.py)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -187,11 +190,15 @@ def main(cfg: DictConfig) -> float | None:
             if results.get("status") == "finished":
                 log.info("%s already finished; nothing to do", run_dir)
                 return results["val_avg_acc"] if results.get("val_avg_acc") is not None else results["avg_acc"]
+        hold_run_lock(run_dir)  # preempt: a second live run into this folder is refused (exit 2)
         source = LoadingInBackground(instantiate(cfg.dataset.source))
         from src.continual.module import NonFiniteLossError  # Lightning: imported while the dataset loads
         from src.continual.task_loop import ResumeError
 
         loop = build_task_loop(cfg, run_dir, validate=False, source=source, resume_from=ckpt)
+    except RunFolderInUse as err:  # the folder belongs to a live run: write nothing into it
+        print(f"error: {err}", file=sys.stderr)
+        return exit_job(2, f"error: {err}")
     except (ConfigError, DatasetError) as err:
         return fail_before_training(failures_to, cfg, err)
     try:  # from here on the task loop keeps results.json (status `failed` and why, if it fails)

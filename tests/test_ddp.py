@@ -24,7 +24,7 @@ from tests.helpers import ROOT, SYNTHETIC, build_loop, read_results, run_train
 PROTOCOL = (
     *SYNTHETIC, "+dataset.source.n_test=21", "+dataset.source.n_classes=9", "dataset.tasks.n_tasks=3",
     "dataset.tasks.classes_per_task=3", "dataset.eval_batch_size=31", "scenario=class", "trainer.max_steps=2",
-    "optimizer.lr=3e-4", "logger=none",
+    "optimizer.lr=3e-4", "logger=none", "checkpoint.keep_every_task=true",
 )
 METHODS = [m for m in ("ewc", "lwf") if (ROOT / "conf" / "method" / f"{m}.yaml").is_file()]
 

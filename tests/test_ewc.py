@@ -196,7 +196,8 @@ def test_fisher_pass_leaves_batchnorm_running_stats_untouched(tmp_path):
 
 
 def test_checkpoint_mid_sequence_restores_identical_penalty(tmp_path):
-    loop = build_loop(tmp_path, *SHORT, "method=ewc", "method.lambda=50", "dataset.tasks.n_tasks=3")
+    loop = build_loop(tmp_path, *SHORT, "method=ewc", "method.lambda=50", "dataset.tasks.n_tasks=3",
+                      "checkpoint.keep_every_task=true")
     module = loop.module
     captured = {}
     original_checkpoint = loop._checkpoint

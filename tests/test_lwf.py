@@ -248,7 +248,8 @@ def test_lwf_never_touches_old_data(tmp_path, scenario):
 
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 def test_checkpoint_then_resume_mid_sequence_gives_the_same_teacher_outputs(tmp_path):
-    loop = build_loop(tmp_path / "a", *SYNTHETIC, "method=lwf", "trainer.max_steps=4", "model.dropout=0.3")
+    loop = build_loop(tmp_path / "a", *SYNTHETIC, "method=lwf", "trainer.max_steps=4", "model.dropout=0.3",
+                      "checkpoint.keep_every_task=true")
     probe = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     teacher_outputs = {}
     end_task = loop.module.regularizer.on_task_end

@@ -140,7 +140,7 @@ def test_fisher_of_a_compiled_model_equals_the_eager_fisher(fresh_dynamo, arch):
 
 
 def test_compiled_run_checkpoints_have_the_eager_keys_and_resume(tmp_path, fresh_dynamo):
-    common = (*SMALL, *SGD, *METHOD["ewc"], "save_checkpoints=true")
+    common = (*SMALL, *SGD, *METHOD["ewc"], "save_checkpoints=true", "checkpoint.keep_every_task=true")
     eager_loop = build_loop(tmp_path / "eager", *common)  # not run: only its names are needed
     loop, full = run(tmp_path, "compiled", *common, "model.compile=true")
     checkpoint = torch.load(loop.run_dir / "checkpoints" / "task_0.ckpt", map_location="cpu", weights_only=False)

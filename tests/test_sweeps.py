@@ -142,7 +142,7 @@ def test_slurm_preset_makes_the_sbatch_script(tmp_path, monkeypatch):
         launcher.launch([["seed=0"]], initial_job_idx=0)
     sbatch = captured["sbatch"]
     for line in ("--partition=big", "--nodes=2", "--gpus-per-node=4", "--ntasks-per-node=4", "--time=240",
-                 "--cpus-per-task=8", "--mem=64GB"):
+                 "--cpus-per-task=8", "--mem=64GB", "--signal=USR1@120"):
         assert f"#SBATCH {line}" in sbatch, (line, sbatch)
 
 

@@ -74,7 +74,7 @@ def test_optimizer_reset_at_task_boundaries_is_a_choice(tmp_path, reset):
 
 
 def test_results_file_schema_and_checkpoints(tmp_path):
-    loop = build_loop(tmp_path, *SYNTHETIC, "trainer.max_steps=3")
+    loop = build_loop(tmp_path, *SYNTHETIC, "trainer.max_steps=3", "checkpoint.keep_every_task=true")
     loop.run()
     run_dir = loop.run_dir
     results = json.loads((run_dir / "results.json").read_text())
@@ -103,7 +103,7 @@ class FailsAtTask(Regularizer):
 
 
 def test_a_crash_marks_the_run_failed_and_keeps_what_was_done(tmp_path):
-    loop = build_loop(tmp_path, *SYNTHETIC, "trainer.max_steps=2")
+    loop = build_loop(tmp_path, *SYNTHETIC, "trainer.max_steps=2", "checkpoint.keep_every_task=true")
     loop.module.regularizer = FailsAtTask()
     with pytest.raises(RuntimeError, match="boom"):
         loop.run()

@@ -14,6 +14,8 @@ import lightning as L
 import numpy as np
 import torch
 
+from src.continual.preemption import PREEMPTION, Interrupted
+
 
 def capture_rng() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
@@ -68,5 +70,35 @@ class StepCheckpoint(L.Callback):
             return
         before = trainer.global_step - 1 if self._step_before is None else self._step_before
         if trainer.global_step // self.every_n_steps > before // self.every_n_steps:
-            pl_module.loop_state["phase"] = "training"
-            save_atomic(trainer, self.path)
+            save_mid_task(trainer, pl_module, self.path)
+
+
+def save_mid_task(trainer: L.Trainer, pl_module, path: Path | None) -> None:
+    """A checkpoint from which `fit(ckpt_path=…)` continues the task: taken after an optimizer step (from
+    `on_train_batch_end`, but not an epoch's last batch) or at an epoch's end (`on_train_epoch_end`).
+    `path=None`: checkpoints are off."""
+    if path is not None:
+        pl_module.loop_state["phase"] = "training"
+        save_atomic(trainer, path)
+
+
+class StopOnSignal(L.Callback):
+    """Stop a task at the first safe point after SIGTERM/SIGINT/SIGUSR1 (src/continual/preemption.py): checkpoint
+    the step just taken to `path` and raise `Interrupted`. Under DDP the ranks agree on the step (one all-reduce of
+    the signal per batch; nothing at all in a single process)."""
+
+    def __init__(self, path: Path | None):
+        self.path = None if path is None else Path(path)
+
+    def _stop_if_signalled(self, trainer, pl_module) -> None:
+        signum = PREEMPTION.agreed(trainer)
+        if signum is not None:
+            save_mid_task(trainer, pl_module, self.path)
+            raise Interrupted(signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # that one: at the epoch's end instead
+            self._stop_if_signalled(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._stop_if_signalled(trainer, pl_module)

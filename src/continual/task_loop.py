@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -17,9 +18,10 @@ import lightning as L
 import torch
 
 from src.continual import metrics, wandb_report
-from src.continual.checkpointing import StepCheckpoint, link_atomic, restore_rng, save_atomic
+from src.continual.checkpointing import StepCheckpoint, StopOnSignal, capture_rng, link_atomic, restore_rng, save_atomic
 from src.continual.module import ContinualModule
 from src.continual.plots import plot_run
+from src.continual.preemption import PREEMPTION, Interrupted, interrupted_by_lightning
 from src.continual.results import SCHEMA_VERSION, format_table, write_json_atomic
 from src.data.datamodule import TaskSequenceDataModule
 
@@ -72,8 +74,11 @@ class TaskLoop:
         self.run_dir = Path(run_dir)
         self.epochs_per_task, self.steps_per_task = epochs_per_task, steps_per_task
         self.save_checkpoints = save_checkpoints
+        self.keep_every_task = bool((config.get("checkpoint") or {}).get("keep_every_task", False))
+        last = self.run_dir / "checkpoints" / "last.ckpt"
+        trainer.callbacks.append(StopOnSignal(last if save_checkpoints else None))  # SIGTERM/SIGINT/SIGUSR1
         if save_checkpoints and checkpoint_every_n_steps > 0:
-            trainer.callbacks.append(StepCheckpoint(self.run_dir / "checkpoints" / "last.ckpt", checkpoint_every_n_steps))
+            trainer.callbacks.append(StepCheckpoint(last, checkpoint_every_n_steps))
         self.started = time.perf_counter()
         self.results = {
             "schema_version": SCHEMA_VERSION,
@@ -109,8 +114,19 @@ class TaskLoop:
     # ---- one evaluation: accuracy on every task ------------------------------------------------------------------
     def evaluate(self, split: str = "test") -> list[float]:
         self.dm.eval_split = split
-        self.trainer.test(self.module, datamodule=self.dm, verbose=False)
-        return list(self.module.last_eval)
+        # what an evaluation cut short would leave changed: the global RNG (each DataLoader iterator draws from it)
+        # and the modules' train/eval modes (Lightning restores them at the evaluation's end)
+        rng, modes = capture_rng(), [(m, m.training) for m in self.module.modules()]
+        while True:
+            try:
+                self.trainer.test(self.module, datamodule=self.dm, verbose=False)
+                return list(self.module.last_eval)
+            except BaseException as err:  # Lightning cut the evaluation short on SIGTERM: the run stops after
+                if not interrupted_by_lightning(err):  # this task's end (preemption.py), so evaluate in full,
+                    raise                              # as if uninterrupted
+                restore_rng(rng)
+                for module, training in modes:
+                    module.train(training)
 
     def _timed(self, key, fn, *args):
         start = time.perf_counter()
@@ -122,11 +138,20 @@ class TaskLoop:
     def run(self, resume_from: Path | None = None) -> dict:
         """Train every task; with `resume_from` (a checkpoint of this run), continue where it was taken."""
         try:
-            self._run(resume_from)
+            with PREEMPTION.deferred():
+                self._run(resume_from)
         except BaseException as err:
-            self.results["status"] = "failed"
-            self.results["error"] = f"{type(err).__name__}: {err}"
+            # Lightning's own SIGTERMException: it stopped between our safe points (a signal just after one of
+            # them), so the newest checkpoint is the one to continue from
+            stopped = Interrupted(signal.SIGTERM) if interrupted_by_lightning(err) else err
+            interrupted = isinstance(stopped, Interrupted)
+            self.results["status"] = "interrupted" if interrupted else "failed"
+            self.results["error"] = str(stopped) if interrupted else f"{type(err).__name__}: {err}"
             self._write()
+            if interrupted:
+                self._info("%s: continue with `python -m src.train resume=%s`", stopped, self.run_dir)
+            if stopped is not err:
+                raise stopped from None
             raise
         return self.results
 
@@ -139,6 +164,8 @@ class TaskLoop:
             self.results["random_init_acc"] = self._timed("eval", self.evaluate)
             self._write()
         for task in range(first_task, self.dm.n_tasks):
+            if task > 0 or resume_from is not None:  # a signal since the last safe point: the newest checkpoint
+                self._stop_if_signalled()            # (or none, with save_checkpoints=false) is this state
             self._train_task(task, resume=mid_task if task == first_task else None)
         self.results["status"] = "finished"
         self._finish()
@@ -190,6 +217,12 @@ class TaskLoop:
         self._info("task %d/%d done: %d steps in %.1f s, average accuracy on tasks so far %.2f%%",
                    task + 1, n_tasks, self.results["steps_per_task"][-1], self.results["task_times_s"][-1],
                    100 * self.results["avg_acc_per_step"][-1])
+
+    def _stop_if_signalled(self) -> None:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        signum = PREEMPTION.agreed(self.trainer if distributed else None)
+        if signum is not None:
+            raise Interrupted(signum)
 
     def _restore(self, path: Path) -> tuple[int, dict | None]:
         """Load a checkpoint of this run: returns the task to start with, and its loop state if it was taken
@@ -252,9 +285,13 @@ class TaskLoop:
                 logger.log_metrics(values, step=self.trainer.global_step)
 
     def _checkpoint(self, task: int) -> None:
-        """`task_<t>.ckpt` after each task, and `last.ckpt` (a hard link to the newest checkpoint)."""
+        """`last.ckpt` after each task (all that resume needs); with `checkpoint.keep_every_task=true` also
+        `task_<t>.ckpt`, last.ckpt then being a hard link to the newest."""
         folder = self.run_dir / "checkpoints"
         self.module.loop_state = {"phase": "done", "task": task, "results": self._results_for_checkpoint()}
+        if not self.keep_every_task:
+            save_atomic(self.trainer, folder / "last.ckpt")
+            return
         final = folder / f"task_{task}.ckpt"
         save_atomic(self.trainer, final)
         if self.trainer.is_global_zero:

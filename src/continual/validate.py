@@ -339,6 +339,8 @@ def validate_config(cfg: DictConfig) -> None:
                f"1 when steps_per_batch > 1 (it is {k})")
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     _check(isinstance(every, int) and every >= 0, "checkpoint.every_n_steps", every, "an integer >= 0 (0: off)")
+    keep = cfg.get("checkpoint", {}).get("keep_every_task", False)
+    _check(isinstance(keep, bool), "checkpoint.keep_every_task", keep, "true or false")
 
     scenario = cfg.scenario
     if "train_classes" in scenario:
