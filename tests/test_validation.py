@@ -287,7 +287,17 @@ def test_bad_input_through_the_cli_is_one_line_and_exit_2_before_the_data_are_re
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
     assert proc.stderr.startswith(expected.format(tmp=tmp_path)), proc.stderr
     assert LOADING not in proc.stderr + proc.stdout
-    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "results.json").exists()
+    assert_only_the_failure_is_recorded(tmp_path / "run", proc.stderr)
+
+
+def assert_only_the_failure_is_recorded(run_dir, stderr):
+    """An early failure leaves no results, only (when Hydra got as far as making the run folder) a results.json
+    that says `failed` and why, with the same line as stderr."""
+    assert not (run_dir / "config.yaml").exists()
+    if (run_dir / "results.json").exists():
+        results = json.loads((run_dir / "results.json").read_text())
+        assert results["status"] == "failed" and f"error: {results['error']}" == stderr.strip()
+        assert "acc_matrix" not in results
 
 
 def test_a_misspelled_key_in_a_multirun_is_the_same_one_line(tmp_path):
@@ -302,7 +312,7 @@ def test_bad_value_through_the_cli_exits_non_zero_before_any_results(tmp_path):
     proc = run_train(tmp_path / "run", "dataset.tasks.classes_per_task=3", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: dataset.tasks.classes_per_task=3 is invalid")
-    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "run" / "config.yaml").exists()
+    assert_only_the_failure_is_recorded(tmp_path / "run", proc.stderr.strip().splitlines()[-1])
 
 
 def test_non_finite_loss_stops_with_task_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
