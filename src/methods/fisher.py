@@ -27,8 +27,16 @@ layer's input a_i and the gradient g_i at its output, both recorded by hooks:
   the bias is Σ_positions g_i.
 - BatchNorm (eval mode, running statistics): the per-sample gradients are Σ_positions g_i ⊙ x̂_i (weight) and
   Σ_positions g_i (bias), with x̂ the input normalised by the running statistics.
-- any other layer that owns trainable parameters: ``torch.func`` ``vmap(grad)`` over samples, for those parameters
-  only — the generic, slow fallback.
+- LayerNorm (any normalized_shape, e.g. a transformer's features): per sample Σ_positions g ⊙ x̂ (weight) and
+  Σ_positions g (bias), x̂ recomputed from the recorded input.
+- ``nn.Embedding``: a sample's gradient row for token v is the sum of g over the positions holding v; the rows of the
+  distinct (sample, token) pairs are summed with one index_add, squared, and added into their tokens' rows.
+- peft's LoRA layers need nothing of their own: their trainable parts are two ``nn.Linear`` (``lora_A``, ``lora_B``)
+  and their frozen ``base_layer`` owns no trainable parameter. Attention (timm's and BERT's) is built of
+  ``nn.Linear`` layers, so it is covered too.
+- any other layer that owns trainable parameters (e.g. a ViT's ``cls_token`` and ``pos_embed``, owned by the model
+  itself): ``torch.func`` ``vmap(grad)`` over samples, for those parameters only — the generic, slow fallback.
+  `fisher_coverage` lists them (EWC's Fisher statistics report it).
 
 On a CPU each batch is processed in parts whose largest layer output is a few MiB: huge activations are much slower
 to compute (fresh memory, out of cache), and for ``exact`` and ``empirical`` only one part's graph is alive; ``sample``
@@ -132,7 +140,31 @@ def _fast_kind(module: nn.Module) -> str | None:
         return "conv2d"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats:
         return "batchnorm"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    if isinstance(module, nn.Embedding) and module.max_norm is None:
+        return "embedding"
     return None
+
+
+def fisher_coverage(model: nn.Module, params: dict[str, nn.Parameter] | None = None) -> dict:
+    """How `fisher_diagonal` computes each layer's share: {"fast": {layer type: parameter count}, "fallback": the
+    modules (and their parameter names) that take the generic per-sample path}. For the Fisher statistics."""
+    if params is None:
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    wanted = {id(p) for p in params.values()}
+    fast: dict[str, int] = {}
+    fallback: list[str] = []
+    for module_name, module in model.named_modules():
+        own = [(local, p) for local, p in module.named_parameters(recurse=False) if id(p) in wanted]
+        if not own:
+            continue
+        kind = _fast_kind(module)
+        if kind is None:
+            fallback += [f"{module_name}.{local}" if module_name else local for local, _ in own]
+        else:
+            fast[kind] = fast.get(kind, 0) + sum(p.numel() for _, p in own)
+    return {"fast": fast, "fallback": fallback}
 
 
 class _Recorder:
@@ -324,6 +356,37 @@ class _Recorder:
             self._add(local_names["weight"], per_sample.square().sum(0))
         if "bias" in local_names:
             self._add(local_names["bias"], g_sum.square().sum(0))
+
+    def _layernorm(self, name, module, local_names, a, g):
+        # per sample: ∂β = Σ_positions g, ∂γ = Σ_positions g ⊙ x̂, x̂ = (a − mean)/√(var + ε) over normalized_shape
+        dims = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
+        var, mean = torch.var_mean(a, dim=dims, keepdim=True, correction=0)
+        positions = tuple(range(1, a.dim() - len(module.normalized_shape)))  # the dimensions between batch and features
+        if "weight" in local_names:
+            per_sample = g * ((a - mean) * torch.rsqrt(var + module.eps))
+            per_sample = per_sample.sum(positions) if positions else per_sample
+            self._add(local_names["weight"], per_sample.square().sum(0))
+        if "bias" in local_names:
+            g_sum = g.sum(positions) if positions else g
+            self._add(local_names["bias"], g_sum.square().sum(0))
+
+    def _embedding(self, name, module, local_names, ids, g):
+        # per sample, row v of the gradient is Σ over the positions holding token v of g: add g into one row per
+        # distinct (sample, token) pair, square, add those rows into their tokens' rows
+        if "weight" not in local_names:
+            return
+        batch = ids.shape[0]
+        ids = ids.reshape(batch, -1).long()
+        g = g.reshape(batch, ids.shape[1], -1)
+        keys = ids + module.num_embeddings * torch.arange(batch, device=ids.device).unsqueeze(1)
+        pairs, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+        per_pair = torch.zeros(len(pairs), g.shape[-1], dtype=g.dtype, device=g.device)
+        per_pair.index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
+        square = torch.zeros_like(module.weight, dtype=g.dtype)
+        square.index_add_(0, pairs % module.num_embeddings, per_pair.square_())
+        if module.padding_idx is not None:  # the padding row never receives a gradient
+            square[module.padding_idx] = 0
+        self._add(local_names["weight"], square)
 
     # ---- the generic fallback ----
     def fallback(self, output_fn, batch, weights) -> None:
