@@ -76,6 +76,7 @@ def fisher_diagonal(
     output_fn: Callable | None = None,
     params: dict[str, nn.Parameter] | None = None,
     generator: torch.Generator | None = None,
+    coverage: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The diagonal Fisher of `params` (default: every trainable parameter of `model`), averaged over all samples.
 
@@ -83,6 +84,8 @@ def fisher_diagonal(
     outputs that form the predictive distribution (e.g. a task's own head) and the targets among them (used by
     ``empirical``); by default the full logits and `batch[1]`. `generator` drives the draws of ``sample``.
     Returns ({name: Fisher}, number of samples), summed over DDP ranks when torch.distributed is initialised.
+    A `coverage` dict is filled with how each parameter was computed (`fisher_coverage`'s format, as it happened:
+    a layer found to run on a broadcast input, e.g. BERT's position embeddings, moves to the fallback).
     """
     if kind not in KINDS:
         raise ValueError(f"fisher={kind!r} is not one of {', '.join(KINDS)}")
@@ -107,6 +110,9 @@ def fisher_diagonal(
                 passes = f[1].shape[1] - 1 if kind == "exact" else 1
                 recorder.finish(f, _pass_weights(kind, f[1].detach(), f[2], generator), passes, output_fn)
                 n += len(f[1])
+    if coverage is not None:
+        coverage.clear()
+        coverage.update(recorder.coverage())
     sums = recorder.sums
     n = _all_reduce(sums, n)
     if n == 0:
@@ -192,6 +198,7 @@ class _Recorder:
         self.recording = False
         self.clone_outputs = False  # set once an in-place op downstream of a recorded layer is seen
         self.part_size = None  # samples per part of a batch (CPU), set from the first forward
+        self.batch_size = 0  # of the forward being recorded
         self.handles = []
 
     def __enter__(self):
@@ -204,12 +211,36 @@ class _Recorder:
             handle.remove()
         self.handles, self.records = [], {}
 
+    def coverage(self) -> dict:
+        fast: dict[str, int] = {}
+        for module, kind, local_names in self.layers.values():
+            fast[kind] = fast.get(kind, 0) + sum(getattr(module, local).numel() for local in local_names)
+        out = {"fast": fast, "fallback": list(self.fallback_params)}
+        if self.fallback_params:
+            out["fallback_method"] = "per-sample loop" if getattr(self, "loop_fallback", False) else "torch.func vmap"
+        return out
+
+    def _demote(self, module_names) -> None:
+        """Layers whose outputs are not per sample (a broadcast input, e.g. BERT's position embeddings of shape
+        1 × L × D): their parameters take the per-sample fallback from now on."""
+        for module_name in module_names:
+            module, _, local_names = self.layers.pop(module_name)
+            for local, name in local_names.items():
+                self.fallback_params[name] = getattr(module, local)
+
     def _hook(self, module_name: str):
         def hook(module, inputs, output):
-            if not self.recording:
+            if not self.recording or module_name not in self.layers:
                 return None
-            self.records.setdefault(module_name, []).append(
-                (inputs[0].detach(), inputs[0]._version, output, output._version))
+            a, expanded = inputs[0].detach(), False
+            if self.batch_size > 1 and output.dim() and output.shape[0] == 1 and a.dim() and a.shape[0] == 1:
+                # one output for the whole batch, broadcast later (BERT's position embeddings, 1 × L × D): hand the
+                # network a per-sample copy, so that its gradient is per sample
+                a = a.expand(self.batch_size, *a.shape[1:])
+                output, expanded = output.expand(self.batch_size, *output.shape[1:]).clone(), True
+            self.records.setdefault(module_name, []).append((a, a._version, output, output._version))
+            if expanded:
+                return output
             # with `clone_outputs`, the rest of the network gets a copy, so that an in-place op downstream
             # (ReLU(inplace=True), `+=`) cannot change the tensor whose gradient we ask for
             return output.clone() if self.clone_outputs else None
@@ -242,7 +273,14 @@ class _Recorder:
     def forward(self, output_fn, batch):
         """Forward `batch` with recording hooks: (its records, outputs, targets, batch)."""
         self.start_batch()
+        self.batch_size = size = len(batch[0])
         outputs, targets = output_fn(self.model(batch[0]), batch)
+        shared = [name for name, recs in self.records.items()
+                  if any(rec[2].dim() == 0 or rec[2].shape[0] != size for rec in recs)]
+        if shared and size > 1:  # a layer that is not per sample: the fallback takes it, and the forward is redone
+            self._demote(shared)
+            self.start_batch()
+            outputs, targets = output_fn(self.model(batch[0]), batch)
         if self.outputs_modified():  # an in-place op downstream: from now on hand the network copies
             self.clone_outputs = True
             self.start_batch()
@@ -407,8 +445,20 @@ class _Recorder:
 
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         values = tuple(detached[name] for name in names)
-        with torch.no_grad():  # torch.func.grad still differentiates inside; no graph to the other parameters
-            per_sample = vmap(grad(objective), in_dims=(None,) + (0,) * (len(batch) + 1))(values, *batch, weights)
+        try:
+            with torch.no_grad():  # torch.func.grad still differentiates inside; no graph to the other parameters
+                per_sample = vmap(grad(objective), in_dims=(None,) + (0,) * (len(batch) + 1))(values, *batch, weights)
+        except RuntimeError:  # vmap cannot trace data-dependent Python (e.g. transformers' mask checks): one by one
+            self.loop_fallback = True
+            params = [self.fallback_params[name] for name in names]
+            per_sample = [torch.zeros((len(weights), *p.shape), dtype=p.dtype, device=p.device) for p in params]
+            for i in range(len(weights)):
+                one = tuple(t[i : i + 1] for t in batch)
+                outputs, _ = output_fn(self.model(one[0]), one)
+                grads = torch.autograd.grad((outputs[0] * weights[i]).sum(), params, allow_unused=True)
+                for store, g in zip(per_sample, grads, strict=True):
+                    if g is not None:
+                        store[i] = g
         for name, g in zip(names, per_sample, strict=True):
             self._add(name, g.square().sum(0))
 
