@@ -234,8 +234,8 @@ def build_timm_backbone(
             patch = getattr(getattr(probe, "patch_embed", None), "patch_size", None)
             if patch is not None:
                 extra["img_size"] = (math.ceil(height / patch[0]) * patch[0], math.ceil(width / patch[1]) * patch[1])
-        if image_size is not None or tuple(extra.get("img_size", (height, width))) != (height, width):
-            size = _size(image_size) if image_size is not None else tuple(extra["img_size"])
+        if image_size is not None or _size(extra.get("img_size", (height, width))) != (height, width):
+            size = _size(image_size) if image_size is not None else _size(extra["img_size"])
             preprocess = _Resize(size)
         file = None
     else:
@@ -282,8 +282,8 @@ class _Resize(nn.Module):
 def _size(value) -> tuple[int, int]:
     if isinstance(value, int) and value >= 1:
         return value, value
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) and v >= 1 for v in value):
-        return tuple(value)
+    if hasattr(value, "__len__") and len(value) == 2 and all(isinstance(v, int) and v >= 1 for v in value):
+        return tuple(int(v) for v in value)
     raise ConfigError(f"model.image_size={value!r} is invalid: null (the pretrained size), an integer or [H, W]")
 
 
