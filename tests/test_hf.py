@@ -125,8 +125,8 @@ def test_offline_hub_id_is_one_line(tmp_path, monkeypatch):
 # ---- full runs through the entry point ------------------------------------------------------------------------------
 def _text_run(run_dir, model, tasks, *overrides):
     return run_train(run_dir, "model=hf", f"model.name={model}", "dataset=text_files", f"dataset.source.root={tasks}",
-                     "dataset.max_length=12", "dataset.batch_size=16", "logger=none", "trainer.max_epochs=4",
-                     "optimizer.lr=0.01", *overrides, env=OFFLINE, timeout=900)
+                     "dataset.max_length=12", "dataset.batch_size=16", "logger=none", "trainer.max_steps=40",
+                     "model.pooling=mean", "optimizer.lr=0.005", *overrides, env=OFFLINE, timeout=900)
 
 
 def _results(run_dir):
@@ -139,13 +139,13 @@ def test_finetune_forgets_and_lwf_runs(tiny_bert, text_tasks, tmp_path):  # noqa
     assert r["status"] == "finished"
     acc = r["acc_matrix"]
     assert acc[0][0] > 0.8 and acc[-1][0] < acc[0][0] - 0.3  # class-IL finetune: task 0 is forgotten
-    _text_run(tmp_path / "lwf", tiny_bert, text_tasks, "method=lwf", "trainer.max_epochs=1", "save_checkpoints=false")
+    _text_run(tmp_path / "lwf", tiny_bert, text_tasks, "method=lwf", "trainer.max_steps=3", "save_checkpoints=false")
     assert _results(tmp_path / "lwf")["status"] == "finished"
 
 
 def test_ewc_with_lora_covers_only_lora_and_heads(tiny_bert, text_tasks, tmp_path):  # noqa: F811
     run = tmp_path / "ewc"
-    _text_run(run, tiny_bert, text_tasks, "method=ewc", "model.lora.r=4", "trainer.max_epochs=1",
+    _text_run(run, tiny_bert, text_tasks, "method=ewc", "model.lora.r=4", "trainer.max_steps=3",
               "dataset.tasks.n_tasks=2")
     r = _results(run)
     assert r["status"] == "finished"

@@ -130,3 +130,41 @@ def test_task_folders_resolver_counts_the_folders(tmp_path):
     make_task_folders(tmp_path, n_tasks=4, n_train=2, n_test=2)
     cfg = OmegaConf.create({"root": str(tmp_path), "n": "${task_folders:${root}}"})
     assert cfg.n == 4
+
+
+def test_text_cl5_offline_and_not_cached_is_one_line(tmp_path, monkeypatch):
+    from src.data.download import DatasetError
+    from src.data.text import TextCL5
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match="dataset.source.order=7 is invalid"):
+        TextCL5("tok", order=7)
+    source = TextCL5("tok", order=[ "ag", "yelp"])
+    with pytest.raises(DatasetError, match=r"^dataset=text_cl5: ag \(fancyzhx/ag_news, split train\) is not in the "
+                                           r"datasets cache and cannot be downloaded"):
+        source.load()
+
+
+def test_text_cl5_sampling_is_class_balanced_and_seeded(tiny_bert, monkeypatch, tmp_path):
+    """A local stand-in for the `datasets` splits: the sampling and the assembly as they run on the real ones."""
+    from src.data.text import TextCL5
+
+    def fake_split(self, name, split):
+        n = 60 if split == "train" else 40
+        classes = {"ag": 4, "yelp": 5}[name]
+        return [f"apple {name} {i}" for i in range(n)], [i % classes for i in range(n)]
+
+    monkeypatch.setattr(TextCL5, "_split", fake_split)
+    source = TextCL5(str(tiny_bert), max_length=8, order=["ag", "yelp"], train_per_task=30, test_per_task=20,
+                     cache_dir=str(tmp_path))
+    data = source.load()
+    assert data.classes_per_task == 5 and data.n_classes == 10 and data.task_names == ("ag", "yelp")
+    assert len(data.train_y) == 60 and len(data.test_y) == 20 + 20
+    assert torch.bincount(data.test_y[:20], minlength=4).tolist() == [5, 5, 5, 5]  # ag: 20 // 4 per class
+    assert set(data.test_y[20:].tolist()) == {5, 6, 7, 8, 9}  # yelp's labels after ag's 5 outputs
+    again = TextCL5(str(tiny_bert), max_length=8, order=["ag", "yelp"], train_per_task=30, test_per_task=20,
+                    cache_dir=str(tmp_path)).load()  # from the cache file
+    assert torch.equal(again.train_x, data.train_x) and len(list(tmp_path.glob("text_cl5-*.pt"))) == 1

@@ -121,7 +121,7 @@ def test_lora_vit_trains_only_adapters_and_its_fisher_is_exact():
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     assert fisher_coverage(net)["fallback"] == []
-    batches = make_batches(n=10, shape=(1, 8, 8), batch_size=5)
+    batches = make_batches(n=6, shape=(1, 8, 8), batch_size=3)
     assert_same(fisher_diagonal(net, batches, "exact", task_view)[0], slow_fisher(net, batches, "exact", task_view))
 
 

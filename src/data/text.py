@@ -177,3 +177,113 @@ class TextTaskSequenceDataModule(TaskSequenceDataModule):
 
     def _prepare(self, batch, global_step: int | None):
         return batch
+
+
+# ---- the 5-dataset text classification benchmark -------------------------------------------------------------------
+# Hugging Face hub ids of Zhang, Zhao & LeCun's (2015) datasets as de Masson d'Autume et al. (2019) use them, and the
+# columns holding the text and the label. Yahoo's text is question title + content + best answer (joined).
+CL5_DATASETS = {
+    "ag": ("fancyzhx/ag_news", ("text",), "label"),
+    "yelp": ("Yelp/yelp_review_full", ("text",), "label"),
+    "amazon": ("yassiracharki/Amazon_Reviews_for_Sentiment_Analysis_fine_grained_5_classes", ("review_text",),
+               "class_index"),
+    "dbpedia": ("fancyzhx/dbpedia_14", ("title", "content"), "label"),
+    "yahoo": ("community-datasets/yahoo_answers_topics", ("question_title", "question_content", "best_answer"),
+              "topic"),
+}
+# The four task orders of de Masson d'Autume et al. (2019), Table/§4 (also LAMOL, Sun et al. 2020, and later work)
+CL5_ORDERS = {
+    1: ["yelp", "ag", "dbpedia", "amazon", "yahoo"],
+    2: ["dbpedia", "yahoo", "ag", "amazon", "yelp"],
+    3: ["yelp", "yahoo", "amazon", "dbpedia", "ag"],
+    4: ["ag", "yelp", "amazon", "yahoo", "dbpedia"],
+}
+
+
+class TextCL5:
+    """The 5-task text classification benchmark (AG News, Yelp, Amazon, DBpedia, Yahoo Answers) of de Masson
+    d'Autume, Ruder, Kong & Yogatama, "Episodic Memory in Lifelong Language Learning" (NeurIPS 2019).
+
+    Sampling (theirs, followed by LAMOL and most later work; docs/pretrained.md): `train_per_task` = 115,000 training
+    examples drawn at random from each dataset's training split and `test_per_task` = 7,600 test examples per
+    dataset (AG News' whole test set; for the others, as many drawn from each class as AG News has: a class-balanced
+    7,600). Smaller values (e.g. O-LoRA's 1,000 per class, `train_per_class`) give the few-sample variant. Draws
+    are seeded (`seed`), per dataset, so a task's samples do not depend on the order. Labels are each dataset's own
+    (4, 5, 5, 14, 10 classes; Yelp and Amazon share their 1–5 star meaning, which matters for domain-IL only).
+
+    Loaded with the `datasets` library (its cache, `HF_DATASETS_CACHE`, downloaded when online); offline and not
+    cached, one line says which dataset was looked for. Tokenized once, with `tokenizer`; the tokenized tensors are
+    cached in `cache_dir` (keyed by every setting), so a second run reads one file.
+    """
+
+    n_classes = None
+
+    def __init__(self, tokenizer: str, max_length: int = 128, order: int | list[str] = 1, train_per_task: int | None = 115_000,
+                 train_per_class: int | None = None, test_per_task: int = 7_600, seed: int = 0,
+                 cache_dir: str | None = None):
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ConfigError(f"dataset.max_length={max_length!r} is invalid: an integer >= 2 (tokens per text)")
+        names = CL5_ORDERS.get(order) if isinstance(order, int) else list(order)
+        if not names or any(n not in CL5_DATASETS for n in names) or len(set(names)) != len(names):
+            raise ConfigError(f"dataset.source.order={order!r} is invalid: 1, 2, 3, 4 (de Masson d'Autume et al.'s "
+                              f"orders) or a list of distinct names among {', '.join(CL5_DATASETS)}")
+        self.names, self.tokenizer, self.max_length = names, str(tokenizer), max_length
+        self.train_per_task, self.train_per_class, self.test_per_task = train_per_task, train_per_class, test_per_task
+        self.seed, self.cache_dir = seed, cache_dir
+        self.input_shape = (2, max_length)
+
+    def _split(self, name: str, split: str):
+        from datasets import load_dataset
+
+        hub_id, text_columns, label_column = CL5_DATASETS[name]
+        try:
+            data = load_dataset(hub_id, split=split)
+        except Exception as err:  # offline and not cached, no such dataset, …
+            raise DatasetError(f"dataset=text_cl5: {name} ({hub_id}, split {split}) is not in the datasets cache and "
+                               f"cannot be downloaded ({type(err).__name__}); run once online, or set "
+                               "HF_DATASETS_CACHE to a cache that holds it") from None
+        labels = [int(v) for v in data[label_column]]
+        if name == "amazon" and min(labels) == 1:  # that copy numbers the stars 1…5
+            labels = [v - 1 for v in labels]
+        columns = [data[c] for c in text_columns]
+        texts = [" ".join(str(part or "") for part in parts) for parts in zip(*columns, strict=True)]
+        return texts, labels
+
+    def _sample(self, labels: list[int], per_task: int | None, per_class: int | None, balanced: bool, salt: int):
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
+        y = torch.tensor(labels)
+        if per_class is not None or balanced:
+            classes = torch.unique(y)
+            k = per_class if per_class is not None else (per_task // len(classes) if per_task else None)
+            chosen = []
+            for c in classes.tolist():
+                idx = torch.nonzero(y == c).flatten()
+                chosen.append(idx[torch.randperm(len(idx), generator=generator)][:k])
+            return torch.sort(torch.cat(chosen)).values.tolist()
+        order = torch.randperm(len(y), generator=generator)
+        return torch.sort(order[:per_task] if per_task else order).values.tolist()
+
+    def load(self) -> TextData:
+        import hashlib
+
+        key = hashlib.sha256(repr((self.names, self.tokenizer, self.max_length, self.train_per_task,
+                                   self.train_per_class, self.test_per_task, self.seed)).encode()).hexdigest()[:16]
+        cached = Path(self.cache_dir).expanduser() / f"text_cl5-{key}.pt" if self.cache_dir else None
+        if cached is not None and cached.is_file():
+            return TextData(**torch.load(cached, weights_only=True))
+        tasks = []
+        for name in self.names:
+            salt = sorted(CL5_DATASETS).index(name)
+            train_texts, train_labels = self._split(name, "train")
+            test_texts, test_labels = self._split(name, "test")
+            keep = self._sample(train_labels, self.train_per_task, self.train_per_class, False, salt)
+            test_keep = self._sample(test_labels, self.test_per_task, None, True, 100 + salt)
+            tasks.append((name, [train_texts[i] for i in keep], [train_labels[i] for i in keep],
+                          [test_texts[i] for i in test_keep], [test_labels[i] for i in test_keep]))
+        data = assemble(tasks, self.tokenizer, self.max_length)
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_name(cached.name + ".tmp")
+            torch.save(dict(data.__dict__), tmp)
+            tmp.replace(cached)
+        return data
