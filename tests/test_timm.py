@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from src.continual.validate import ConfigError
 from src.methods.fisher import fisher_coverage, fisher_diagonal
-from src.models.timm_backbone import PretrainedInput, build_timm_backbone
+from src.models.timm_backbone import PretrainedInput, build_timm_backbone, import_timm
 from tests.helpers import run_train
 from tests.test_fisher import Net, assert_same, make_batches, slow_fisher, task_view
 
@@ -66,7 +66,7 @@ def test_datamodule_hands_a_self_normalising_backbone_unit_range_images():
 
 
 def test_local_weights_are_loaded_and_checked(tmp_path):
-    import timm
+    timm = import_timm()
     from safetensors.torch import save_file
 
     source = timm.create_model("resnet18", num_classes=10)
@@ -150,7 +150,7 @@ def test_lora_vit_runs_every_method(tmp_path, method):
 
 
 def test_pretrained_file_run_and_sha256_mismatch_stops_before_training(tmp_path):
-    import timm
+    timm = import_timm()
     from safetensors.torch import save_file
 
     save_file(timm.create_model("resnet18", num_classes=10).state_dict(), tmp_path / "w.safetensors")
