@@ -54,7 +54,7 @@ def make_tiny_bert(folder: Path, hidden: int = 16, layers: int = 2, heads: int =
     fast.save_pretrained(folder)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=tokenizer.get_vocab_size(), hidden_size=hidden, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=64)
+                        num_attention_heads=heads, intermediate_size=2 * hidden, max_position_embeddings=128)
     BertModel(config).save_pretrained(folder)
     return folder
 
