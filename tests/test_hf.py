@@ -133,6 +133,7 @@ def _results(run_dir):
     return json.loads((run_dir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_finetune_forgets_and_lwf_runs(tiny_bert, text_tasks, tmp_path):  # noqa: F811
     _text_run(tmp_path / "ft", tiny_bert, text_tasks, "method=finetune", "scenario=class", "save_checkpoints=false")
     r = _results(tmp_path / "ft")
@@ -143,6 +144,7 @@ def test_finetune_forgets_and_lwf_runs(tiny_bert, text_tasks, tmp_path):  # noqa
     assert _results(tmp_path / "lwf")["status"] == "finished"
 
 
+@pytest.mark.slow
 def test_ewc_with_lora_covers_only_lora_and_heads(tiny_bert, text_tasks, tmp_path):  # noqa: F811
     run = tmp_path / "ewc"
     _text_run(run, tiny_bert, text_tasks, "method=ewc", "model.lora.r=4", "trainer.max_steps=3",

@@ -137,6 +137,7 @@ def test_full_vit_fisher_falls_back_for_its_own_parameters_and_says_so():
 
 
 # ---- full runs through the entry point ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["finetune", "ewc", "lwf"])
 def test_lora_vit_runs_every_method(tmp_path, method):
     run = tmp_path / method
