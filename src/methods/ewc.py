@@ -154,7 +154,8 @@ class EWC(Regularizer):
         self._consolidate()
         self.fisher_stats.append({"task": task, "kind": self.fisher_kind, "n_samples": n, "seconds": seconds,
                                   **fisher_statistics(fisher), "fast_path": coverage["fast"],
-                                  "fallback": coverage["fallback"]})
+                                  "fallback": coverage["fallback"],
+                                  **({"fallback_method": coverage["fallback_method"]} if coverage["fallback"] else {})})
         self._log_stats(module)
 
     def _consolidate(self) -> None:
