@@ -9,6 +9,8 @@ PYTHON=${PYTHON:-python3}
 # The CPU build of torch 2.13.0 (on this project's machines it lies on local disk); users with GPUs get CUDA wheels.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[dev]"
+# timm without its declared torchvision requirement (pyproject.toml lists its other requirements; docs/pretrained.md)
+.venv/bin/python -m pip install -q --no-deps "timm>=1.0"
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo -n"
   $SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 \

@@ -247,6 +247,14 @@ class TaskSequenceDataModule(L.LightningDataModule):
             return loader.layouts.popleft()
         return [StepLayout(g, 0, g) for g in batch_sizes_of_pass(len(batch[1]), self.batch_size)]
 
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) of x/255: the dataset's, or (0, 1) when the backbone normalises its inputs itself
+        (`normalizes_inputs`: a pretrained timm backbone, which applies its pretraining's statistics; docs/pretrained.md)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if getattr(getattr(module, "backbone", None), "normalizes_inputs", False):
+            return (0.0,) * len(self.data.mean), (1.0,) * len(self.data.std)
+        return self.data.mean, self.data.std
+
     def _prepare(self, batch, global_step: int | None, layout: StepLayout | None = None):
         x, y, task_ids = batch
         if self.augment is not None and global_step is not None:
@@ -260,8 +268,9 @@ class TaskSequenceDataModule(L.LightningDataModule):
                 x = self.augment(x, rows=(layout.start, layout.stop), total=layout.global_size)
         key = (x.device, x.shape[1])
         if key not in self._norm_cache:
-            std = torch.tensor(self.data.std, device=x.device).view(1, -1, 1, 1)
-            mean = torch.tensor(self.data.mean, device=x.device).view(1, -1, 1, 1)
+            mean, std = self.normalization()
+            std = torch.tensor(std, device=x.device).view(1, -1, 1, 1)
+            mean = torch.tensor(mean, device=x.device).view(1, -1, 1, 1)
             self._norm_cache[key] = (1.0 / (255.0 * std), -mean / std)
         scale, shift = self._norm_cache[key]
         x = torch.addcmul(shift, x.float(), scale)

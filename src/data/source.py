@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -60,3 +62,13 @@ class LoadingInBackground:
 
     def __getattr__(self, name):
         return getattr(self.__dict__["source"], name)
+
+
+def _count_task_folders(root) -> int:
+    """`${task_folders:<root>}` (conf/dataset/text_files.yaml): how many task sub-folders a text dataset has; 1 when
+    there are none, so that the source itself reports the missing folder with its key (src/data/text.py)."""
+    folder = Path(str(root)).expanduser()
+    return max(1, sum(p.is_dir() for p in folder.iterdir())) if folder.is_dir() else 1
+
+
+OmegaConf.register_new_resolver("task_folders", _count_task_folders, replace=True)

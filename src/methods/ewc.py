@@ -146,7 +146,8 @@ class EWC(Regularizer):
         start = time.perf_counter()
         batches = datamodule.task_batches(task, "train", batch_size=self.fisher_batch_size, device=device,
                                           max_samples=self.fisher_samples)
-        fisher, n = fisher_diagonal(module, batches, self.fisher_kind, active_outputs, params, generator)
+        coverage: dict = {}  # which layers took the fast path, which the per-sample one
+        fisher, n = fisher_diagonal(module, batches, self.fisher_kind, active_outputs, params, generator, coverage)
         seconds = time.perf_counter() - start
         anchor = {name: p.detach().clone() for name, p in params.items()}
 
@@ -158,7 +159,9 @@ class EWC(Regularizer):
             self.terms.append({"tasks": [task], "fisher": fisher, "anchor": anchor})
         self._consolidate()
         self.fisher_stats.append({"task": task, "kind": self.fisher_kind, "n_samples": n, "seconds": seconds,
-                                  **fisher_statistics(fisher)})
+                                  **fisher_statistics(fisher), "fast_path": coverage["fast"],
+                                  "fallback": coverage["fallback"],
+                                  **({"fallback_method": coverage["fallback_method"]} if coverage["fallback"] else {})})
         self._log_stats(module)
 
     def _consolidate(self) -> None:
@@ -176,7 +179,8 @@ class EWC(Regularizer):
 
     def _log_stats(self, module) -> None:
         stats = self.fisher_stats[-1]
-        values = {f"ewc/fisher_{k}": float(v) for k, v in stats.items() if k not in ("task", "kind")}
+        values = {f"ewc/fisher_{k}": float(v) for k, v in stats.items()
+                  if k not in ("task", "kind") and isinstance(v, (int, float))}
         step = module.trainer.global_step if getattr(module, "_trainer", None) is not None else stats["task"]
         for logger in getattr(module, "loggers", []):
             logger.log_metrics(values, step=step)

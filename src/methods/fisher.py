@@ -27,8 +27,16 @@ layer's input a_i and the gradient g_i at its output, both recorded by hooks:
   the bias is Σ_positions g_i.
 - BatchNorm (eval mode, running statistics): the per-sample gradients are Σ_positions g_i ⊙ x̂_i (weight) and
   Σ_positions g_i (bias), with x̂ the input normalised by the running statistics.
-- any other layer that owns trainable parameters: ``torch.func`` ``vmap(grad)`` over samples, for those parameters
-  only — the generic, slow fallback.
+- LayerNorm (any normalized_shape, e.g. a transformer's features): per sample Σ_positions g ⊙ x̂ (weight) and
+  Σ_positions g (bias), x̂ recomputed from the recorded input.
+- ``nn.Embedding``: a sample's gradient row for token v is the sum of g over the positions holding v; the rows of the
+  distinct (sample, token) pairs are summed with one index_add, squared, and added into their tokens' rows.
+- peft's LoRA layers need nothing of their own: their trainable parts are two ``nn.Linear`` (``lora_A``, ``lora_B``)
+  and their frozen ``base_layer`` owns no trainable parameter. Attention (timm's and BERT's) is built of
+  ``nn.Linear`` layers, so it is covered too.
+- any other layer that owns trainable parameters (e.g. a ViT's ``cls_token`` and ``pos_embed``, owned by the model
+  itself): ``torch.func`` ``vmap(grad)`` over samples, for those parameters only — the generic, slow fallback.
+  `fisher_coverage` lists them (EWC's Fisher statistics report it).
 
 On a CPU each batch is processed in parts whose largest layer output is a few MiB: huge activations are much slower
 to compute (fresh memory, out of cache), and for ``exact`` and ``empirical`` only one part's graph is alive; ``sample``
@@ -68,6 +76,7 @@ def fisher_diagonal(
     output_fn: Callable | None = None,
     params: dict[str, nn.Parameter] | None = None,
     generator: torch.Generator | None = None,
+    coverage: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """The diagonal Fisher of `params` (default: every trainable parameter of `model`), averaged over all samples.
 
@@ -75,6 +84,8 @@ def fisher_diagonal(
     outputs that form the predictive distribution (e.g. a task's own head) and the targets among them (used by
     ``empirical``); by default the full logits and `batch[1]`. `generator` drives the draws of ``sample``.
     Returns ({name: Fisher}, number of samples), summed over DDP ranks when torch.distributed is initialised.
+    A `coverage` dict is filled with how each parameter was computed (`fisher_coverage`'s format, as it happened:
+    a layer found to run on a broadcast input, e.g. BERT's position embeddings, moves to the fallback).
     """
     if kind not in KINDS:
         raise ValueError(f"fisher={kind!r} is not one of {', '.join(KINDS)}")
@@ -99,6 +110,9 @@ def fisher_diagonal(
                 passes = f[1].shape[1] - 1 if kind == "exact" else 1
                 recorder.finish(f, _pass_weights(kind, f[1].detach(), f[2], generator), passes, output_fn)
                 n += len(f[1])
+    if coverage is not None:
+        coverage.clear()
+        coverage.update(recorder.coverage())
     sums = recorder.sums
     n = _all_reduce(sums, n)
     if n == 0:
@@ -132,7 +146,31 @@ def _fast_kind(module: nn.Module) -> str | None:
         return "conv2d"
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.affine and module.track_running_stats:
         return "batchnorm"
+    if isinstance(module, nn.LayerNorm):
+        return "layernorm"
+    if isinstance(module, nn.Embedding) and module.max_norm is None:
+        return "embedding"
     return None
+
+
+def fisher_coverage(model: nn.Module, params: dict[str, nn.Parameter] | None = None) -> dict:
+    """How `fisher_diagonal` computes each layer's share: {"fast": {layer type: parameter count}, "fallback": the
+    modules (and their parameter names) that take the generic per-sample path}. For the Fisher statistics."""
+    if params is None:
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    wanted = {id(p) for p in params.values()}
+    fast: dict[str, int] = {}
+    fallback: list[str] = []
+    for module_name, module in model.named_modules():
+        own = [(local, p) for local, p in module.named_parameters(recurse=False) if id(p) in wanted]
+        if not own:
+            continue
+        kind = _fast_kind(module)
+        if kind is None:
+            fallback += [f"{module_name}.{local}" if module_name else local for local, _ in own]
+        else:
+            fast[kind] = fast.get(kind, 0) + sum(p.numel() for _, p in own)
+    return {"fast": fast, "fallback": fallback}
 
 
 class _Recorder:
@@ -160,6 +198,7 @@ class _Recorder:
         self.recording = False
         self.clone_outputs = False  # set once an in-place op downstream of a recorded layer is seen
         self.part_size = None  # samples per part of a batch (CPU), set from the first forward
+        self.batch_size = 0  # of the forward being recorded
         self.handles = []
 
     def __enter__(self):
@@ -172,12 +211,36 @@ class _Recorder:
             handle.remove()
         self.handles, self.records = [], {}
 
+    def coverage(self) -> dict:
+        fast: dict[str, int] = {}
+        for module, kind, local_names in self.layers.values():
+            fast[kind] = fast.get(kind, 0) + sum(getattr(module, local).numel() for local in local_names)
+        out = {"fast": fast, "fallback": list(self.fallback_params)}
+        if self.fallback_params:
+            out["fallback_method"] = "per-sample loop" if getattr(self, "loop_fallback", False) else "torch.func vmap"
+        return out
+
+    def _demote(self, module_names) -> None:
+        """Layers whose outputs are not per sample (a broadcast input, e.g. BERT's position embeddings of shape
+        1 × L × D): their parameters take the per-sample fallback from now on."""
+        for module_name in module_names:
+            module, _, local_names = self.layers.pop(module_name)
+            for local, name in local_names.items():
+                self.fallback_params[name] = getattr(module, local)
+
     def _hook(self, module_name: str):
         def hook(module, inputs, output):
-            if not self.recording:
+            if not self.recording or module_name not in self.layers:
                 return None
-            self.records.setdefault(module_name, []).append(
-                (inputs[0].detach(), inputs[0]._version, output, output._version))
+            a, expanded = inputs[0].detach(), False
+            if self.batch_size > 1 and output.dim() and output.shape[0] == 1 and a.dim() and a.shape[0] == 1:
+                # one output for the whole batch, broadcast later (BERT's position embeddings, 1 × L × D): hand the
+                # network a per-sample copy, so that its gradient is per sample
+                a = a.expand(self.batch_size, *a.shape[1:])
+                output, expanded = output.expand(self.batch_size, *output.shape[1:]).clone(), True
+            self.records.setdefault(module_name, []).append((a, a._version, output, output._version))
+            if expanded:
+                return output
             # with `clone_outputs`, the rest of the network gets a copy, so that an in-place op downstream
             # (ReLU(inplace=True), `+=`) cannot change the tensor whose gradient we ask for
             return output.clone() if self.clone_outputs else None
@@ -210,7 +273,14 @@ class _Recorder:
     def forward(self, output_fn, batch):
         """Forward `batch` with recording hooks: (its records, outputs, targets, batch)."""
         self.start_batch()
+        self.batch_size = size = len(batch[0])
         outputs, targets = output_fn(self.model(batch[0]), batch)
+        shared = [name for name, recs in self.records.items()
+                  if any(rec[2].dim() == 0 or rec[2].shape[0] != size for rec in recs)]
+        if shared and size > 1:  # a layer that is not per sample: the fallback takes it, and the forward is redone
+            self._demote(shared)
+            self.start_batch()
+            outputs, targets = output_fn(self.model(batch[0]), batch)
         if self.outputs_modified():  # an in-place op downstream: from now on hand the network copies
             self.clone_outputs = True
             self.start_batch()
@@ -325,6 +395,37 @@ class _Recorder:
         if "bias" in local_names:
             self._add(local_names["bias"], g_sum.square().sum(0))
 
+    def _layernorm(self, name, module, local_names, a, g):
+        # per sample: ∂β = Σ_positions g, ∂γ = Σ_positions g ⊙ x̂, x̂ = (a − mean)/√(var + ε) over normalized_shape
+        dims = tuple(range(a.dim() - len(module.normalized_shape), a.dim()))
+        var, mean = torch.var_mean(a, dim=dims, keepdim=True, correction=0)
+        positions = tuple(range(1, a.dim() - len(module.normalized_shape)))  # the dimensions between batch and features
+        if "weight" in local_names:
+            per_sample = g * ((a - mean) * torch.rsqrt(var + module.eps))
+            per_sample = per_sample.sum(positions) if positions else per_sample
+            self._add(local_names["weight"], per_sample.square().sum(0))
+        if "bias" in local_names:
+            g_sum = g.sum(positions) if positions else g
+            self._add(local_names["bias"], g_sum.square().sum(0))
+
+    def _embedding(self, name, module, local_names, ids, g):
+        # per sample, row v of the gradient is Σ over the positions holding token v of g: add g into one row per
+        # distinct (sample, token) pair, square, add those rows into their tokens' rows
+        if "weight" not in local_names:
+            return
+        batch = ids.shape[0]
+        ids = ids.reshape(batch, -1).long()
+        g = g.reshape(batch, ids.shape[1], -1)
+        keys = ids + module.num_embeddings * torch.arange(batch, device=ids.device).unsqueeze(1)
+        pairs, inverse = torch.unique(keys.reshape(-1), return_inverse=True)
+        per_pair = torch.zeros(len(pairs), g.shape[-1], dtype=g.dtype, device=g.device)
+        per_pair.index_add_(0, inverse, g.reshape(-1, g.shape[-1]))
+        square = torch.zeros_like(module.weight, dtype=g.dtype)
+        square.index_add_(0, pairs % module.num_embeddings, per_pair.square_())
+        if module.padding_idx is not None:  # the padding row never receives a gradient
+            square[module.padding_idx] = 0
+        self._add(local_names["weight"], square)
+
     # ---- the generic fallback ----
     def fallback(self, output_fn, batch, weights) -> None:
         """Per-sample gradients of the parameters no hook covers, with torch.func (one vmapped pass per call)."""
@@ -344,8 +445,20 @@ class _Recorder:
 
         batch = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
         values = tuple(detached[name] for name in names)
-        with torch.no_grad():  # torch.func.grad still differentiates inside; no graph to the other parameters
-            per_sample = vmap(grad(objective), in_dims=(None,) + (0,) * (len(batch) + 1))(values, *batch, weights)
+        try:
+            with torch.no_grad():  # torch.func.grad still differentiates inside; no graph to the other parameters
+                per_sample = vmap(grad(objective), in_dims=(None,) + (0,) * (len(batch) + 1))(values, *batch, weights)
+        except RuntimeError:  # vmap cannot trace data-dependent Python (e.g. transformers' mask checks): one by one
+            self.loop_fallback = True
+            params = [self.fallback_params[name] for name in names]
+            per_sample = [torch.zeros((len(weights), *p.shape), dtype=p.dtype, device=p.device) for p in params]
+            for i in range(len(weights)):
+                one = tuple(t[i : i + 1] for t in batch)
+                outputs, _ = output_fn(self.model(one[0]), one)
+                grads = torch.autograd.grad((outputs[0] * weights[i]).sum(), params, allow_unused=True)
+                for store, g in zip(per_sample, grads, strict=True):
+                    if g is not None:
+                        store[i] = g
         for name, g in zip(names, per_sample, strict=True):
             self._add(name, g.square().sum(0))
 
