@@ -69,7 +69,7 @@ class ImportancePenalty(Regularizer):
     def consolidate(self, module, new_importance: dict[str, torch.Tensor]) -> None:
         """Add a finished task's importance to Ω and move the anchor to the current parameters."""
         for name, p in zip(self.param_names, self.params(module), strict=True):
-            value = new_importance[name].detach().to("cpu", torch.float32)
+            value = new_importance[name].detach().to("cpu")
             self.importance[name] = self.importance[name] + value if name in self.importance else value
             self.anchor[name] = p.detach().to("cpu").clone()
         self._cache = None
