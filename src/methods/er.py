@@ -44,6 +44,9 @@ class ER(Regularizer):
         self._step: dict = {}  # between `training_batch` and `loss` of one step: the current batch's raw samples, …
 
     # ---- hooks ---------------------------------------------------------------------------------------------------
+    def on_task_start(self, task, module, datamodule) -> None:
+        self._check(module)
+
     def training_batch(self, module, batch):
         if self.buffer.n_classes is None:  # first step of this process (also after a resume, which skips task start)
             self._check(module)
