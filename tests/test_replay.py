@@ -120,3 +120,19 @@ def test_ddp_buffer_and_accuracies_equal_one_process(ddp_er_run, tmp_path):
     for key in ("images", "labels", "task_ids", "seen"):
         assert (torch.equal(a[key], b[key]) if isinstance(a[key], torch.Tensor) else a[key] == b[key]), key
     assert one["acc_matrix"] == pytest.approx(two["acc_matrix"], abs=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["vdv2022_split_cifar100_er", "vdv2022_split_cifar100_si"])
+def test_vdv2022_presets_compose_for_every_scenario(tmp_path, preset):
+    from hydra.utils import instantiate
+
+    from tests.helpers import ROOT, compose_config
+
+    assert "van de Ven" in (ROOT / "conf" / "experiment" / f"{preset}.yaml").read_text()
+    for scenario in ("task", "domain", "class"):
+        cfg = compose_config(f"experiment={preset}", f"scenario={scenario}", run_dir=tmp_path)
+        method = instantiate(cfg.method)
+        assert (cfg.trainer.max_steps, cfg.dataset.batch_size, cfg.optimizer.lr) == (5000, 256, 1e-4)
+        if preset.endswith("_er"):  # 100 samples per class of the 100 classes; replayed batch = current batch
+            assert method.buffer.capacity // 100 == 100 and method.buffer.sampling == "class_balanced"
+            assert method.replay_batch_size == 256

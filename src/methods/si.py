@@ -33,7 +33,7 @@ from src.methods.importance import ImportancePenalty, check_number
 class SI(ImportancePenalty):
     term = "si_penalty"
 
-    def __init__(self, c: float = 1.0, xi: float = 0.1):
+    def __init__(self, c: float = 1000.0, xi: float = 0.1):
         super().__init__(check_number("c", c))
         self.xi = check_number("xi", xi, "a number > 0", positive=True)
         self.omega: list[torch.Tensor] | None = None  # ω of the task being trained
