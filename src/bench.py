@@ -292,7 +292,9 @@ def write_fake_cifar100(root: Path) -> Path:
 
 
 def bench_buffer_update(er_loop, rounds: int, adds: int = 20) -> dict:
-    """Seconds to add one training batch to a full replay buffer (reservoir), at each of BUFFER_SIZES."""
+    """Seconds to add one training batch to a full replay buffer (reservoir), at each of BUFFER_SIZES. Both buffers
+    have seen twice their size, so a sample replaces a stored one with the same probability (size / seen = 1/2) and
+    both do the same number of writes: what is left to differ is what the buffer's size costs."""
     from src.methods.replay_buffer import ReplayBuffer
 
     dm = er_loop.dm
@@ -302,7 +304,7 @@ def bench_buffer_update(er_loop, rounds: int, adds: int = 20) -> dict:
     buffers = {}
     for size in BUFFER_SIZES:
         buffers[size] = ReplayBuffer(size, seed=0)
-        while buffers[size].seen < size:  # fill it: from then on every add draws and replaces
+        while buffers[size].seen < 2 * size:  # full, and then as much again
             buffers[size].add(images, labels, task_ids)
     seconds = {size: [] for size in BUFFER_SIZES}
     for _ in range(rounds):
