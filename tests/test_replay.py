@@ -43,6 +43,21 @@ def test_one_forward_over_current_and_replayed_samples(tmp_path, method, draws):
         assert held["logits"].shape == (40, loop.module.scenario.n_outputs)
 
 
+@pytest.mark.slow
+def test_steps_per_batch_4_equals_1(tmp_path):
+    """Manual optimisation (K steps per Lightning batch) replays, stores and augments exactly as one step per batch."""
+    augment = ("+dataset.augment._target_=src.data.augment.RandomCropFlip", "+dataset.augment.padding=1")
+    states = []
+    for k in (1, 4):
+        loop = build_loop(tmp_path / f"k{k}", *SMALL, "method=derpp", "method.buffer_size=40",
+                          "method.replay_batch_size=8", "scenario=class", "deterministic=true", *augment,
+                          f"steps_per_batch={k}")
+        loop.run()
+        states.append((loop.module.regularizer.state_dict(), loop.module.state_dict()))
+    assert_same(states[0][0], states[1][0])
+    assert_same(states[0][1], states[1][1], rtol=1e-5, atol=1e-7)
+
+
 def test_replayed_samples_are_prepared_like_a_current_batch(tmp_path):
     augment = ("+dataset.augment._target_=src.data.augment.RandomCropFlip", "+dataset.augment.padding=2")
     loop = build_loop(tmp_path, *SMALL, "dataset=permuted_mnist", *augment)
