@@ -78,3 +78,37 @@ def test_mas_in_a_run(tmp_path):
         dict(loop.module.named_parameters())[name].add_(0.1)
     expected = 5 * float((mas.importance[name] * 0.01).sum())
     assert float(mas.loss(loop.module, None, None, zero)["mas_penalty"]) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mas", "si"])
+def test_ddp_ranks_hold_the_same_importance_and_mas_equals_one_process(tmp_path, method):
+    """2 gloo processes: Ω and θ* are the same on both ranks after every task (MAS: sums and counts all-reduced; SI:
+    built from the already all-reduced gradient), and MAS's last task end redone in one process gives the same Ω."""
+    from tests.test_ddp import PROTOCOL, assert_same
+    from tests.helpers import read_results, run_train
+
+    run_dir = tmp_path / "run"
+    run_train(run_dir, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"method={method}", *PROTOCOL,
+              "+callbacks.rank_state._target_=tests.test_ddp.RankState", f"+callbacks.rank_state.folder={tmp_path}/ranks")
+    assert read_results(run_dir)["status"] == "finished"
+    dumps = sorted((tmp_path / "ranks").glob("rank0_*.pt"))
+    for rank0 in dumps:
+        a = torch.load(rank0, weights_only=False)["regularizer"]
+        b = torch.load(rank0.with_name(rank0.name.replace("rank0", "rank1")), weights_only=False)["regularizer"]
+        assert_same(a, b)
+    assert torch.load(dumps[-1], weights_only=False)["regularizer"]["importance"]
+    if method != "mas":
+        return
+    before = torch.load(run_dir / "checkpoints" / "task_1.ckpt", map_location="cpu", weights_only=False)
+    after = torch.load(run_dir / "checkpoints" / "task_2.ckpt", map_location="cpu", weights_only=False)
+    loop = build_loop(tmp_path / "one", "method=mas", *PROTOCOL)
+    module, dm = loop.module, loop.dm
+    module.trained_up_to = -1
+    loop.evaluate("test")
+    module.on_load_checkpoint(before)
+    module.load_state_dict(after["state_dict"])
+    module.current_task = 2
+    dm.set_task(2)
+    module.regularizer.on_task_end(2, module, dm)
+    assert_same(module.regularizer.state_dict(), after["regularizer"], rtol=1e-5, atol=1e-8)
