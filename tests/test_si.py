@@ -95,3 +95,10 @@ def test_the_hook_runs_once_per_step_in_automatic_and_manual_optimisation(tmp_pa
     for name in states[0]["importance"]:
         assert torch.allclose(states[0]["importance"][name], states[1]["importance"][name], rtol=1e-5, atol=1e-9)
     assert any(float(v.abs().max()) > 0 for v in states[0]["importance"].values())
+
+
+@pytest.mark.slow
+def test_resume_mid_task_continues_the_path_integral(tmp_path):
+    from tests.test_resume import CrashAtStep, crash_and_resume
+
+    assert crash_and_resume(tmp_path, ["trainer.max_steps=7", "method=si", "method.c=10"], CrashAtStep(10)) == "training"
