@@ -12,6 +12,7 @@ import torch
 
 from src.continual.validate import ConfigError
 from src.methods.base import Regularizer
+from src.methods.ewc import _QuadraticPenalty
 
 
 def check_number(key: str, value, allowed: str = "a number >= 0", positive: bool = False) -> float:
@@ -43,27 +44,28 @@ class ImportancePenalty(Regularizer):
         return self._params[1]
 
     def _on_device(self, module):
-        """(parameters, Ω, θ*) as lists, Ω and θ* on the parameters' device (copied once per device)."""
+        """(parameters, 2sΩ, θ*, scratch space) as lists on the parameters' device (made once per device)."""
         params = self.params(module)
         device = params[0].device
         if self._cache is None or self._cache[0] != device:
-            self._cache = (device, [self.importance[n].to(device) for n in self.param_names],
-                           [self.anchor[n].to(device) for n in self.param_names])
-        return params, self._cache[1], self._cache[2]
+            anchor = [self.anchor[n].to(device) for n in self.param_names]
+            self._cache = (device, [2 * self.strength * self.importance[n].to(device) for n in self.param_names],
+                           anchor, [torch.empty_like(a) for a in anchor])
+        return params, *self._cache[1:]
 
     def penalty_gradient(self, module, at: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """2 s Ω ⊙ (θ − θ*) at parameters `at` (None before the first task has ended: no penalty)."""
         if not self.importance:
             return None
-        _, omega, anchor = self._on_device(module)
-        return torch._foreach_mul(torch._foreach_mul(torch._foreach_sub(at, anchor), omega), 2 * self.strength)
+        _, scaled, anchor, _ = self._on_device(module)
+        return torch._foreach_mul(torch._foreach_sub(at, anchor), scaled)
 
     def loss(self, module, batch, logits, task_loss):
         if not self.importance:
             return {"loss": task_loss, self.term: torch.zeros((), device=task_loss.device)}
-        params, omega, anchor = self._on_device(module)
-        penalty = sum((o * (p - a).square()).sum() for p, o, a in zip(params, omega, anchor, strict=True))
-        penalty = self.strength * penalty
+        params, scaled, anchor, scratch = self._on_device(module)
+        # ½ Σ (2sΩ)(θ − θ*)²: EWC's multi-tensor quadratic, its gradient computed in the forward, no graph kept
+        penalty = _QuadraticPenalty.apply(scaled, anchor, scratch, 0.0, *params)
         return {"loss": task_loss + penalty, self.term: penalty.detach()}
 
     def consolidate(self, module, new_importance: dict[str, torch.Tensor]) -> None:
