@@ -9,8 +9,9 @@ DataModule, Lightning's Trainer with the default logger and callbacks). For each
 
 1. a bare hand-written loop (batches cut from the same tensors, normalised on the device, forward, the scenario's
    cross-entropy, backward, optimizer step) — the floor;
-2. one task's training through `Trainer.fit` for finetune, EWC and LwF (each method has finished task 0, so EWC
-   pays its penalty and LwF its teacher) — samples/s;
+2. one task's training through `Trainer.fit` for finetune, EWC, LwF, ER and DER++ (each method has finished task 0,
+   so EWC pays its penalty, LwF its teacher, ER and DER++ replay from a buffer of 500 with a replayed batch as large
+   as the current one) — samples/s; and the replay buffer's cost of adding one batch, full, at two sizes;
 3. evaluation on every task (`TaskLoop.evaluate`) against a bare inference loop;
 4. EWC's exact Fisher of one whole task, against a per-sample autograd loop on a subset (whose result it must match);
 5. with `--main-job` (default for the MLP preset): the whole default main job in a subprocess, split into start-up,
@@ -50,6 +51,9 @@ TARGETS = {  # issue 7: the ratios the framework must meet, measured in one run
     "framework_vs_bare": {"mlp": 0.9, "resnet": 0.95},
     "ewc_vs_finetune_step": 1.3,
     "lwf_vs_finetune_step": 1.6,
+    "er_vs_finetune_step": 2.0,  # issue 13: at replay batch = batch
+    "derpp_vs_finetune_step": 2.0,
+    "buffer_update_large_vs_small": 1.5,  # the cost of adding a batch must not grow with the buffer (×100 here)
     "fisher_vs_epoch": 1.0,
     "main_job_train_share": 0.7,
     "main_job_startup_s": 5.0,
@@ -62,7 +66,8 @@ PRESETS = {
                "overrides": ["dataset=split_cifar100", "model=resnet18_reduced"], "main_job": False, "rounds": 3,
                "steps": 10, "reference_samples": 16, "fisher_samples": 500},
 }
-METHODS = ("finetune", "ewc", "lwf")
+METHODS = ("finetune", "ewc", "lwf", "er", "derpp")
+BUFFER_SIZES = (500, 50_000)  # the replay buffer's update cost is measured at both sizes
 
 
 # ---- timing ----------------------------------------------------------------------------------------------------------
@@ -286,6 +291,31 @@ def write_fake_cifar100(root: Path) -> Path:
     return root
 
 
+def bench_buffer_update(er_loop, rounds: int, adds: int = 20) -> dict:
+    """Seconds to add one training batch to a full replay buffer (reservoir), at each of BUFFER_SIZES. Both buffers
+    have seen twice their size, so a sample replaces a stored one with the same probability (size / seen = 1/2) and
+    both do the same number of writes: what is left to differ is what the buffer's size costs."""
+    from src.methods.replay_buffer import ReplayBuffer
+
+    dm = er_loop.dm
+    device = er_loop.module.device
+    batch = next(iter(dm.train_dataloader()))
+    images, labels, task_ids = (t.to(device) for t in batch)
+    buffers = {}
+    for size in BUFFER_SIZES:
+        buffers[size] = ReplayBuffer(size, seed=0)
+        while buffers[size].seen < 2 * size:  # full, and then as much again
+            buffers[size].add(images, labels, task_ids)
+    seconds = {size: [] for size in BUFFER_SIZES}
+    for _ in range(rounds):
+        for size, buffer in buffers.items():
+            seconds[size].append(timed(device, lambda b=buffer: [b.add(images, labels, task_ids) for _ in range(adds)])
+                                 / adds)
+    small, large = BUFFER_SIZES
+    return {"batch_size": len(labels), "seconds_per_add": {str(k): statistics.median(v) for k, v in seconds.items()},
+            "large_vs_small": median_ratio(seconds[large], seconds[small])}
+
+
 # ---- one preset --------------------------------------------------------------------------------------------------------
 def bench_preset(name: str, extra: list[str], rounds: int, steps: int, main_job: bool, reference_samples: int,
                  fisher_samples: int | None, tmp: Path) -> dict:
@@ -339,10 +369,14 @@ def bench_preset(name: str, extra: list[str], rounds: int, steps: int, main_job:
             "framework_vs_bare": median_ratio(times["bare"], times["finetune"]),
             "ewc_vs_finetune_step": median_ratio(times["ewc"], times["finetune"]),
             "lwf_vs_finetune_step": median_ratio(times["lwf"], times["finetune"]),
+            "er_vs_finetune_step": median_ratio(times["er"], times["finetune"]),
+            "derpp_vs_finetune_step": median_ratio(times["derpp"], times["finetune"]),
             "eval_framework_vs_bare": median_ratio(eval_times["bare"], eval_times["framework"]),
         },
         "eval_samples_per_s": {k: n_eval / statistics.median(v) for k, v in eval_times.items()},
     }
+    result["buffer_update"] = bench_buffer_update(loops["er"], rounds)
+    result["ratios"]["buffer_update_large_vs_small"] = result["buffer_update"]["large_vs_small"]
     epoch_s = statistics.median(times["finetune"]) * (loops["ewc"].dm.train_dataloader().steps_per_pass() / n_steps)
     result["fisher"] = bench_fisher(loops["ewc"], epoch_s, reference_samples, fisher_samples)
     result["ratios"]["fisher_vs_epoch"] = result["fisher"]["fisher_vs_epoch"]
@@ -378,6 +412,16 @@ def verdicts(result: dict) -> list[tuple[str, float, str, bool]]:
                 r["ewc_vs_finetune_step"] <= TARGETS["ewc_vs_finetune_step"]))
     out.append(("LwF step ÷ finetune step", r["lwf_vs_finetune_step"], f"≤ {TARGETS['lwf_vs_finetune_step']}",
                 r["lwf_vs_finetune_step"] <= TARGETS["lwf_vs_finetune_step"]))
+    for method in ("er", "derpp"):
+        key = f"{method}_vs_finetune_step"
+        if key in r:
+            out.append((f"{'ER' if method == 'er' else 'DER++'} step ÷ finetune step (replay batch = batch)", r[key],
+                        f"≤ {TARGETS[key]}", r[key] <= TARGETS[key]))
+    if "buffer_update_large_vs_small" in r:
+        small, large = BUFFER_SIZES
+        out.append((f"buffer update, size {large:,} ÷ size {small:,}", r["buffer_update_large_vs_small"],
+                    f"≤ {TARGETS['buffer_update_large_vs_small']}",
+                    r["buffer_update_large_vs_small"] <= TARGETS["buffer_update_large_vs_small"]))
     out.append((f"{result['fisher']['kind']} Fisher of a task ÷ one training epoch", r["fisher_vs_epoch"],
                 f"≤ {TARGETS['fisher_vs_epoch']}", r["fisher_vs_epoch"] <= TARGETS["fisher_vs_epoch"]))
     if "main_job" in result:
@@ -405,6 +449,10 @@ def render(result: dict) -> str:
               f"Evaluation on every task (samples/s): framework {result['eval_samples_per_s']['framework']:,.0f}, "
               f"bare {result['eval_samples_per_s']['bare']:,.0f} (ratio {result['ratios']['eval_framework_vs_bare']:.2f}).",
               ]
+    if "buffer_update" in result:
+        per_add = result["buffer_update"]["seconds_per_add"]
+        lines.append("Replay buffer, one add of a batch of " + f"{result['buffer_update']['batch_size']} to a full buffer: "
+                     + ", ".join(f"size {int(k):,}: {v * 1e6:.0f} µs" for k, v in per_add.items()) + ".")
     f = result["fisher"]
     scaled = f" (measured on {f['measured_on']:,}, scaled)" if f["measured_on"] != f["samples"] else ""
     lines.append(f"Fisher ({f['kind']}) of one task, {f['samples']:,} samples{scaled}: {f['seconds']:.2f} s; a per-sample "

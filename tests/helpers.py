@@ -11,6 +11,7 @@ import torch
 
 from src.config import compose_config  # noqa: F401  (tests import it from here)
 from src.data.source import ImageData
+from src.methods.base import Regularizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -75,7 +76,7 @@ def build_loop(tmp_path: Path, *overrides: str):
 SYNTHETIC = ("dataset.source._target_=tests.helpers.SyntheticSource", "+dataset.source.n_train=100")
 
 
-class NaNAtTask:
+class NaNAtTask(Regularizer):
     """A method whose loss becomes NaN in task `task` (for the non-finite-loss test); usable from Hydra as
     `method._target_=tests.helpers.NaNAtTask`."""
 

@@ -87,6 +87,7 @@ class ContinualModule(L.LightningModule):
         return terms["loss"]
 
     def _loss_terms(self, batch):
+        batch = self.regularizer.training_batch(self, batch)  # a replay method appends replayed samples
         x, labels, task_ids = batch
         logits = self(x)
         view, targets = self.scenario.train_view(logits, labels, task_ids, self.current_task)
@@ -108,11 +109,18 @@ class ContinualModule(L.LightningModule):
             optimizer.zero_grad()
             self.manual_backward(terms["loss"])
             optimizer.step()
+            self.regularizer.after_optimizer_step(self)
             if every and self.global_step % every == 0:
                 self.check_finite()
                 if "task_loss" not in terms:
                     terms = {**terms, "task_loss": task_loss}
                 self._log_train(terms)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Automatic optimisation: Lightning calls this once per optimizer step (after the last of
+        `accumulate_grad_batches` batches), so the regularizer's hook runs exactly once per step, as in manual mode."""
+        super().optimizer_step(*args, **kwargs)
+        self.regularizer.after_optimizer_step(self)
 
     def _log_train(self, terms: dict) -> None:
         """Write the train terms as automatic optimisation does (Lightning's own logging counts batches, not steps,

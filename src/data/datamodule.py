@@ -17,6 +17,17 @@ from src.data.loss_weights import GlobalBatchLossWeights
 from src.data.source import ImageData
 
 
+class TrainingBatch(tuple):
+    """A prepared training batch `(x, local_label, task_id)` that also carries what it was prepared from: `raw`, the
+    uint8 batch before augmentation and normalisation (what a replay buffer stores), and `step`, the trainer's global
+    step it is trained at. It unpacks like any batch; only methods that store samples look at the two attributes."""
+
+    def __new__(cls, prepared, raw, step: int):
+        batch = super().__new__(cls, prepared)
+        batch.raw, batch.step = raw, step
+        return batch
+
+
 class TaskSequenceDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -255,13 +266,21 @@ class TaskSequenceDataModule(L.LightningDataModule):
             return (0.0,) * len(self.data.mean), (1.0,) * len(self.data.std)
         return self.data.mean, self.data.std
 
-    def _prepare(self, batch, global_step: int | None, layout: StepLayout | None = None):
+    def prepare_replayed(self, batch, global_step: int, layout: StepLayout | None = None):
+        """Stored raw uint8 samples `(x, local_label, task_id)` prepared as a training batch of step `global_step` is:
+        the same augmentation (its own draws, seeded from (seed, task, step) apart from the current batch's, so the
+        current batch is augmented as without replay), normalisation and each sample's own task transform."""
+        return self._prepare(batch, global_step, layout, stream=1)
+
+    def _prepare(self, batch, global_step: int | None, layout: StepLayout | None = None, stream: int = 0):
+        raw = batch
         x, y, task_ids = batch
         if self.augment is not None and global_step is not None:
             # the draws of a training step depend only on (seed, task, step in the task), as the batch order does;
             # under DDP they are the draws of the whole global batch, of which this rank applies its rows'
             step = global_step - self.task_start_step
-            self.augment.reseed(hash((self.augment.seed, self.current_task, step)) % 2**62)
+            key = (self.augment.seed, self.current_task, step) + ((stream,) if stream else ())
+            self.augment.reseed(hash(key) % 2**62)
             if layout is None or (layout.start, layout.stop) == (0, layout.global_size):
                 x = self.augment(x)
             else:
@@ -274,7 +293,8 @@ class TaskSequenceDataModule(L.LightningDataModule):
             self._norm_cache[key] = (1.0 / (255.0 * std), -mean / std)
         scale, shift = self._norm_cache[key]
         x = torch.addcmul(shift, x.float(), scale)
-        return self.tasks.batch_transform(x, task_ids), y, task_ids
+        prepared = (self.tasks.batch_transform(x, task_ids), y, task_ids)
+        return prepared if global_step is None or stream else TrainingBatch(prepared, raw, global_step)
 
 
 def _steps_left(trainer) -> int | None:

@@ -175,7 +175,7 @@ class TextTaskSequenceDataModule(TaskSequenceDataModule):
                                               self.val_fraction, self.seed)
         super().setup(stage)
 
-    def _prepare(self, batch, global_step: int | None, layout=None):
+    def _prepare(self, batch, global_step: int | None, layout=None, stream: int = 0):
         return batch
 
 

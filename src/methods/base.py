@@ -17,6 +17,13 @@ class Regularizer:
     def on_task_start(self, task: int, module, datamodule) -> None:
         """Called before task `task` is trained."""
 
+    def training_batch(self, module, batch):
+        """The batch the step trains on, given the step's own (a `src.data.datamodule.TrainingBatch`: normalised
+        `(x, local_label, task_id)` with `.raw`, its uint8 samples, and `.step`, its global step). A replay method
+        returns it with replayed samples appended (prepared by `datamodule.prepare_replayed`), so that one forward
+        and the scenario's cross-entropy cover both; `loss` then receives that batch and its logits."""
+        return batch
+
     def loss(self, module, batch, logits: torch.Tensor, task_loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """The loss to minimise for one training batch.
 
@@ -25,6 +32,10 @@ class Regularizer:
         logged under `train/<name>`, so a method reports its parts (penalty, distillation, …) separately.
         """
         return {"loss": task_loss}
+
+    def after_optimizer_step(self, module) -> None:
+        """Called after every optimizer step (automatic and manual optimisation alike), with the parameters updated
+        and their `.grad` still the gradient of that step's loss, e.g. for SI's path integral."""
 
     def on_task_end(self, task: int, module, datamodule) -> None:
         """Called after task `task` is trained, before it is evaluated; task `task`'s training data are still served."""
