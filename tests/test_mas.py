@@ -85,8 +85,8 @@ def test_mas_in_a_run(tmp_path):
 def test_ddp_ranks_hold_the_same_importance_and_mas_equals_one_process(tmp_path, method):
     """2 gloo processes: Ω and θ* are the same on both ranks after every task (MAS: sums and counts all-reduced; SI:
     built from the already all-reduced gradient), and MAS's last task end redone in one process gives the same Ω."""
-    from tests.test_ddp import PROTOCOL, assert_same
     from tests.helpers import read_results, run_train
+    from tests.test_ddp import PROTOCOL, assert_same
 
     run_dir = tmp_path / "run"
     run_train(run_dir, "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", f"method={method}", *PROTOCOL,

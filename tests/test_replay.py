@@ -11,7 +11,7 @@ import torch
 from src.continual.validate import ConfigError
 from tests.helpers import SYNTHETIC, build_loop, read_results, run_train
 from tests.test_ddp import PROTOCOL, assert_same
-from tests.test_resume import COMMON, CrashAtStep, crash_and_resume
+from tests.test_resume import CrashAtStep, crash_and_resume
 
 SMALL = (*SYNTHETIC, "dataset.tasks.n_tasks=2", "trainer.max_steps=4", "dataset.batch_size=16",
          "save_checkpoints=false")
@@ -69,7 +69,7 @@ def test_replayed_samples_are_prepared_like_a_current_batch(tmp_path):
     assert not torch.equal(a[0], dm.prepare_replayed(raw, 11)[0])
     dm.augment = None  # without augmentation: exactly the normalisation and each sample's own task transform
     plain = dm.prepare_replayed(raw, 10)[0]
-    for i, task in enumerate(raw[2].tolist()):
+    for i in range(len(raw[2])):
         alone = dm.prepare_replayed(tuple(t[i : i + 1] for t in raw), 10)[0]
         assert torch.equal(plain[i : i + 1], alone)
     same_image_other_task = dm.prepare_replayed((raw[0][:1], raw[1][:1], torch.tensor([1])), 10)[0]

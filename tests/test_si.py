@@ -88,7 +88,7 @@ def test_the_hook_runs_once_per_step_in_automatic_and_manual_optimisation(tmp_pa
         loop = build_loop(tmp_path / f"k{k}", *common, f"steps_per_batch={k}")
         calls = []
         original = loop.module.regularizer.after_optimizer_step
-        loop.module.regularizer.after_optimizer_step = lambda module, f=original: (calls.append(1), f(module))
+        loop.module.regularizer.after_optimizer_step = lambda module, f=original, calls=calls: (calls.append(1), f(module))
         loop.run()
         assert len(calls) == 12  # 2 tasks × 6 steps
         states.append(loop.module.regularizer.state_dict())
