@@ -17,7 +17,6 @@ model type (BERT: query, value), else every nn.Linear.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import torch
@@ -26,28 +25,16 @@ from torch import nn
 from src.continual.validate import ConfigError
 from src.models.lora import add_lora, check_lora, check_sha256, linear_layer_names, lora_enabled, weights_file
 from src.models.speed import apply_switches, check_switches
+from src.models.trunk import PretrainedTrunk
 
 POOLINGS = ("cls", "mean")
 
 
-class HFBackbone(nn.Module):
+class HFBackbone(PretrainedTrunk):
     def __init__(self, encoder: nn.Module, pooling: str, freeze_trunk: bool):
-        super().__init__()
-        self.trunk = encoder
+        super().__init__(encoder, encoder.config.hidden_size, freeze_trunk)
         self.pooling = pooling
-        self.out_features = int(encoder.config.hidden_size)
-        self.frozen = freeze_trunk
-        if freeze_trunk:
-            for p in encoder.parameters():
-                p.requires_grad_(False)
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            self.trunk.eval()
-        return self
 
     def forward(self, x):
         ids, mask = x[:, 0].long(), x[:, 1].long()

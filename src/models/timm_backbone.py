@@ -37,7 +37,6 @@ import importlib.util
 import math
 import sys
 import types
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +45,7 @@ from torch import nn
 from src.continual.validate import ConfigError
 from src.models.lora import add_lora, check_lora, check_sha256, linear_layer_names, lora_enabled, weights_file
 from src.models.speed import apply_switches, check_switches
+from src.models.trunk import PretrainedTrunk
 
 
 # ---- importing timm without torchvision -----------------------------------------------------------------------------
@@ -135,28 +135,14 @@ class PretrainedInput(nn.Module):
         return f"channels={self.channels}, size={self.size}, mode={self.mode}"
 
 
-class TimmBackbone(nn.Module):
+class TimmBackbone(PretrainedTrunk):
     """`input → features`: (PretrainedInput →) the timm model with its classifier removed."""
 
     def __init__(self, trunk: nn.Module, preprocess: nn.Module | None, freeze_trunk: bool):
-        super().__init__()
+        super().__init__(trunk, trunk.num_features, freeze_trunk)
         self.preprocess = preprocess if preprocess is not None else nn.Identity()
-        self.trunk = trunk
-        self.out_features = int(trunk.num_features)
         self.normalizes_inputs = preprocess is not None
-        self.frozen = freeze_trunk
-        if freeze_trunk:
-            for p in trunk.parameters():
-                p.requires_grad_(False)
-            # Lightning warns about modules in eval mode when training starts: here that is the point
-            warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         self.train(self.training)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        if self.frozen:
-            self.trunk.eval()
-        return self
 
     def forward(self, x):
         return self.trunk(self.preprocess(x))
