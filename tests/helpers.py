@@ -104,3 +104,13 @@ class NaNAtTask(Regularizer):
 
     def load_state_dict(self, state):
         pass
+
+
+def assert_only_the_failure_is_recorded(run_dir, stderr):
+    """An early failure leaves no results, only (when Hydra got as far as making the run folder) a results.json
+    that says `failed` and why, with the same line as stderr."""
+    assert not (Path(run_dir) / "config.yaml").exists()
+    if (Path(run_dir) / "results.json").exists():
+        results = json.loads((Path(run_dir) / "results.json").read_text())
+        assert results["status"] == "failed" and f"error: {results['error']}" == stderr.strip()
+        assert "acc_matrix" not in results

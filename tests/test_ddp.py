@@ -19,7 +19,7 @@ import lightning as L
 import pytest
 import torch
 
-from tests.helpers import ROOT, SYNTHETIC, build_loop, read_results, run_train
+from tests.helpers import ROOT, SYNTHETIC, assert_only_the_failure_is_recorded, build_loop, read_results, run_train
 
 PROTOCOL = (
     *SYNTHETIC, "+dataset.source.n_test=21", "+dataset.source.n_classes=9", "dataset.tasks.n_tasks=3",
@@ -282,7 +282,7 @@ def test_a_batch_the_processes_cannot_share_is_refused(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "error: dataset.batch_size=127 is invalid: it is the global batch, cut into equal parts for the 2 processes, "
         "so it must be a multiple of 2 (e.g. 126, 128)")
-    assert not (tmp_path / "run" / "results.json").exists()
+    assert_only_the_failure_is_recorded(tmp_path / "run", proc.stderr.strip().splitlines()[-1])
 
 
 def test_a_last_batch_with_fewer_samples_than_processes_is_refused():

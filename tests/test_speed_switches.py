@@ -29,7 +29,7 @@ from src.continual.validate import ConfigError
 from src.methods.fisher import fisher_diagonal
 from src.models.pretrained import build_backbone
 from src.models.speed import is_compiled
-from tests.helpers import ROOT, SYNTHETIC, build_loop
+from tests.helpers import ROOT, SYNTHETIC, assert_only_the_failure_is_recorded, build_loop
 
 ACC_TOL, WEIGHT_ATOL, WEIGHT_RTOL = 0.02, 1e-4, 1e-3
 # 3 tasks of 2 classes, 180 training and 200 test images each; a few steps per task
@@ -248,7 +248,7 @@ def test_cli_rejects_compile_maybe_before_training(tmp_path):
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "error: model.compile='maybe' is invalid: true or false"
-    assert not (tmp_path / "results.json").exists()  # failed before the run started
+    assert_only_the_failure_is_recorded(tmp_path, proc.stderr.strip().splitlines()[-1])  # failed before the run started
 
 
 def test_data_on_device_auto_means_accelerators_only():

@@ -22,6 +22,7 @@ from tests.helpers import (
     ROOT,
     SYNTHETIC,
     SyntheticSource,
+    assert_only_the_failure_is_recorded,
     build_loop,
     compose_config,
     read_results,
@@ -288,16 +289,6 @@ def test_bad_input_through_the_cli_is_one_line_and_exit_2_before_the_data_are_re
     assert proc.stderr.startswith(expected.format(tmp=tmp_path)), proc.stderr
     assert LOADING not in proc.stderr + proc.stdout
     assert_only_the_failure_is_recorded(tmp_path / "run", proc.stderr)
-
-
-def assert_only_the_failure_is_recorded(run_dir, stderr):
-    """An early failure leaves no results, only (when Hydra got as far as making the run folder) a results.json
-    that says `failed` and why, with the same line as stderr."""
-    assert not (run_dir / "config.yaml").exists()
-    if (run_dir / "results.json").exists():
-        results = json.loads((run_dir / "results.json").read_text())
-        assert results["status"] == "failed" and f"error: {results['error']}" == stderr.strip()
-        assert "acc_matrix" not in results
 
 
 def test_a_misspelled_key_in_a_multirun_is_the_same_one_line(tmp_path):
