@@ -83,8 +83,8 @@ def test_resume_mid_task_with_a_partly_filled_buffer(tmp_path, method):
                  "scenario=class", "+dataset.augment._target_=src.data.augment.RandomCropFlip",
                  "+dataset.augment.padding=1"]
     assert crash_and_resume(tmp_path, overrides, CrashAtStep(10)) == "training"
-    state = torch.load(tmp_path / "crashed" / "run" / "checkpoints" / "task_4.ckpt", weights_only=False)
-    reference = torch.load(tmp_path / "ref" / "run" / "checkpoints" / "task_4.ckpt", weights_only=False)
+    state = torch.load(tmp_path / "crashed" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    reference = torch.load(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt", weights_only=False)
     assert_same(state["regularizer"], reference["regularizer"])
 
 
