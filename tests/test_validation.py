@@ -261,8 +261,9 @@ CLI_BAD = [
      "error: scenario.train_class=seen is invalid: scenario.train_class is not a key of scenario=task; "
      "scenario.train_classes is a key of scenario=class"),
     (["sed=1"], "error: sed=1 is invalid: sed is not a key of the config (conf/train.yaml); did you mean seed?"),
-    (["method=ewx"], "error: method=ewx is invalid: not an option of method, which has ewc, finetune, joint, lwf; "
-                     "did you mean method=ewc?"),
+    (["method=ewx"], "error: method=ewx is invalid: not an option of method, which has "
+                     + ", ".join(sorted(p.stem for p in (ROOT / "conf" / "method").glob("*.yaml")))
+                     + "; did you mean method=ewc?"),
     # values: refused by validate_config before the data are read
     (["seed=abc"], "error: seed='abc' is invalid: an integer in [0, 4294967295]"),
     (["optimizer.lr=-0.1"], "error: optimizer.lr=-0.1 is invalid: a number >= 0 (torch.optim.Adam: Invalid learning "
