@@ -374,7 +374,7 @@ def validate_config(cfg: DictConfig) -> None:
         return  # this model was built and checked already (the resume check, then main): it is kept for the run
     if input_shape is not None:
         with torch.random.fork_rng(devices=[]):  # the run's initialisation (see take_validated_backbone)
-            torch.manual_seed(cfg.seed)
+            torch.default_generator.manual_seed(cfg.seed)  # the CPU generator only: fork_rng restores only it
             seeded = torch.get_rng_state()
             backbone = _build(cfg.model, "model", input_shape=tuple(input_shape))
             after = torch.get_rng_state()
