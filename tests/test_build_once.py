@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 
 from src.models.hf_backbone import build_hf_backbone
@@ -42,6 +43,7 @@ def _counts(path: Path) -> dict:
     return {"build": lines.count("build"), "load": lines.count("load")}
 
 
+@pytest.mark.slow
 def test_a_run_through_the_entry_point_builds_and_loads_the_backbone_once(tiny_bert, tmp_path):  # noqa: F811
     """`python -m src.train` (validation, then the run), and `resume=` (the resume check, main's validation, the
     run): one build and one weights load per process."""
