@@ -32,7 +32,7 @@ def _run(run_dir, *overrides, check=True):
 
 
 @pytest.mark.slow
-def test_hf_lora_ewc_killed_mid_task_resumes_exactly(tiny_bert, tasks, tmp_path):  # noqa: F811
+def test_hf_lora_ewc_stopped_by_sigterm_mid_task_resumes_exactly(tiny_bert, tasks, tmp_path):  # noqa: F811
     args = common(tiny_bert, tasks)
     reference = tmp_path / "reference"
     _run(reference, *args)
