@@ -32,7 +32,7 @@ from src.continual import resume
 from src.continual.preemption import stops_on_signal  # preempt: SIGTERM/SIGINT/SIGUSR1 -> checkpoint, exit 128+n
 from src.continual.results import SCHEMA_VERSION, write_json_atomic, write_text_atomic
 from src.continual.run_lock import RunFolderInUse, hold_run_lock  # preempt: one live run per run folder
-from src.continual.validate import ConfigError, validate_config
+from src.continual.validate import ConfigError, take_validated_backbone, validate_config
 from src.data.download import DatasetError
 from src.data.source import LoadingInBackground
 
@@ -132,7 +132,9 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
     datamodule.setup()
     loading = time.perf_counter() - loading  # with a background source: only what was left when it was needed
     scenario = instantiate(cfg.scenario, n_tasks=datamodule.n_tasks, classes_per_task=datamodule.classes_per_task)
-    backbone = instantiate(cfg.model, input_shape=datamodule.input_shape)
+    backbone = take_validated_backbone(cfg, datamodule.input_shape)  # built once per run, by validation
+    if backbone is None:
+        backbone = instantiate(cfg.model, input_shape=datamodule.input_shape)
     module = ContinualModule(
         backbone, scenario, instantiate(cfg.method), optimizer=instantiate(cfg.optimizer),
         reset_optimizer=cfg.reset_optimizer, steps_per_batch=cfg.get("steps_per_batch", 1),

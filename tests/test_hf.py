@@ -102,6 +102,8 @@ def test_pretrained_folder_is_loaded_and_checked(tiny_bert, tmp_path):  # noqa: 
     build_hf_backbone((2, 10), str(tiny_bert), sha256=digest)
     with pytest.raises(ConfigError, match=r"^model.sha256=0+ is invalid: .*model.safetensors has sha256 " + digest):
         build_hf_backbone((2, 10), str(tiny_bert), sha256="0" * 64)
+    no_dropout = build_hf_backbone((2, 10), str(tiny_bert), kwargs={"hidden_dropout_prob": 0.0})
+    assert no_dropout.trunk.config.hidden_dropout_prob == 0.0 and saved.config.hidden_dropout_prob == 0.1
     frozen = build_hf_backbone((2, 10), str(tiny_bert), freeze_trunk=True).train()
     assert not any(p.requires_grad for p in frozen.parameters()) and not frozen.trunk.training
     with pytest.raises(ConfigError, match="model.pooling='max' is invalid"):

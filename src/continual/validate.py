@@ -370,10 +370,17 @@ def validate_config(cfg: DictConfig) -> None:
                    f"n_tasks × classes_per_task = {tasks.n_tasks * cpt} exceeds the dataset's {n_classes} classes")
 
     input_shape = getattr(source, "input_shape", None)
+    if input_shape is not None and _kept is not None and _kept[0] == _model_key(cfg, input_shape):
+        return  # this model was built and checked already (the resume check, then main): it is kept for the run
     if input_shape is not None:
-        backbone = _build(cfg.model, "model", input_shape=tuple(input_shape))
+        with torch.random.fork_rng(devices=[]):  # the run's initialisation (see take_validated_backbone)
+            torch.default_generator.manual_seed(cfg.seed)  # the CPU generator only: fork_rng restores only it
+            seeded = torch.get_rng_state()
+            backbone = _build(cfg.model, "model", input_shape=tuple(input_shape))
+            after = torch.get_rng_state()
         from src.models.speed import eager  # (imports this module)
 
+        training = backbone.training
         try:
             with torch.no_grad(), eager():  # a shape check, not worth compiling a graph for (model.compile=true)
                 backbone.eval()(torch.zeros(1, *input_shape))
@@ -382,6 +389,38 @@ def validate_config(cfg: DictConfig) -> None:
                 f"{_choice('model', 'model')} cannot take the input of {_choice('dataset', 'the dataset')} "
                 f"(shape {tuple(input_shape)}): {str(err).splitlines()[0]}"
             ) from None
+        backbone.train(training)
+        _keep(_model_key(cfg, input_shape), backbone, seeded, after)
+
+
+# The backbone the last validation built, kept for the run: a pretrained backbone is then built, and its weights
+# read, once per run (a ViT-B's 330 MB twice before). It is built from the run's seed alone, in a forked RNG; the run
+# takes it only where its own build would have started from that same RNG state (right after seeding: the data use
+# their own generators), and then leaves the RNG where its own build would have, so runs are bit-identical to
+# building it in the run.
+_kept = None
+
+
+def _model_key(cfg: DictConfig, input_shape) -> tuple:
+    return OmegaConf.to_yaml(cfg.model, resolve=True), tuple(input_shape), cfg.seed
+
+
+def _keep(key, backbone, seeded, after) -> None:
+    global _kept
+    _kept = (key, backbone, seeded, after)
+
+
+def take_validated_backbone(cfg: DictConfig, input_shape):
+    """The backbone validation built for this config (once: it is handed over), or None: build it."""
+    global _kept
+    if _kept is None:
+        return None
+    key, backbone, seeded, after = _kept
+    _kept = None
+    if key != _model_key(cfg, input_shape) or not torch.equal(torch.get_rng_state(), seeded):
+        return None
+    torch.set_rng_state(after)
+    return backbone
 
 
 def _check_global_batch(cfg: DictConfig) -> None:

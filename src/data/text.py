@@ -185,8 +185,8 @@ class TextTaskSequenceDataModule(TaskSequenceDataModule):
 CL5_DATASETS = {
     "ag": ("fancyzhx/ag_news", ("text",), "label"),
     "yelp": ("Yelp/yelp_review_full", ("text",), "label"),
-    "amazon": ("yassiracharki/Amazon_Reviews_for_Sentiment_Analysis_fine_grained_5_classes", ("review_text",),
-               "class_index"),
+    "amazon": ("yassiracharki/Amazon_Reviews_for_Sentiment_Analysis_fine_grained_5_classes",
+               ("review_title", "review_text"), "class_index"),
     "dbpedia": ("fancyzhx/dbpedia_14", ("title", "content"), "label"),
     "yahoo": ("community-datasets/yahoo_answers_topics", ("question_title", "question_content", "best_answer"),
               "topic"),
@@ -205,9 +205,9 @@ class TextCL5:
     d'Autume, Ruder, Kong & Yogatama, "Episodic Memory in Lifelong Language Learning" (NeurIPS 2019).
 
     Sampling (theirs, followed by LAMOL and most later work; docs/pretrained.md): `train_per_task` = 115,000 training
-    examples drawn at random from each dataset's training split and `test_per_task` = 7,600 test examples per
-    dataset (AG News' whole test set; for the others, as many drawn from each class as AG News has: a class-balanced
-    7,600). Smaller values (e.g. O-LoRA's 1,000 per class, `train_per_class`) give the few-sample variant. Draws
+    and `test_per_task` = 7,600 test examples drawn uniformly at random from each dataset's splits (the sizes of AG
+    News' training and test sets; as the public MbPA++ re-implementations draw them, `DataFrame.sample(n)`, not per
+    class). Texts join the title and body columns, as those implementations do. Smaller values (e.g. O-LoRA's 1,000 per class, `train_per_class`) give the few-sample variant. Draws
     are seeded (`seed`), per dataset, so a task's samples do not depend on the order. Labels are each dataset's own
     (4, 5, 5, 14, 10 classes; Yelp and Amazon share their 1–5 star meaning, which matters for domain-IL only).
 
@@ -245,16 +245,19 @@ class TextCL5:
         labels = [int(v) for v in data[label_column]]
         if name == "amazon" and min(labels) == 1:  # that copy numbers the stars 1…5
             labels = [v - 1 for v in labels]
-        columns = [data[c] for c in text_columns]
+        present = [c for c in text_columns if c in data.column_names]  # a mirror without a title column: the body
+        if not present:
+            raise DatasetError(f"dataset=text_cl5: {name} ({hub_id}) has none of the columns {', '.join(text_columns)}; "
+                               f"it has {', '.join(data.column_names)}")
+        columns = [data[c] for c in present]
         texts = [" ".join(str(part or "") for part in parts) for parts in zip(*columns, strict=True)]
         return texts, labels
 
-    def _sample(self, labels: list[int], per_task: int | None, per_class: int | None, balanced: bool, salt: int):
+    def _sample(self, labels: list[int], per_task: int | None, per_class: int | None, salt: int):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + salt)
         y = torch.tensor(labels)
-        if per_class is not None or balanced:
-            classes = torch.unique(y)
-            k = per_class if per_class is not None else (per_task // len(classes) if per_task else None)
+        if per_class is not None:
+            classes, k = torch.unique(y), per_class
             chosen = []
             for c in classes.tolist():
                 idx = torch.nonzero(y == c).flatten()
@@ -267,7 +270,8 @@ class TextCL5:
         import hashlib
 
         key = hashlib.sha256(repr((self.names, self.tokenizer, self.max_length, self.train_per_task,
-                                   self.train_per_class, self.test_per_task, self.seed)).encode()).hexdigest()[:16]
+                                   self.train_per_class, self.test_per_task, self.seed, "uniform test draw, titles"))
+                             .encode()).hexdigest()[:16]  # the last item: a cache of an earlier sampling is not reused
         cached = Path(self.cache_dir).expanduser() / f"text_cl5-{key}.pt" if self.cache_dir else None
         if cached is not None and cached.is_file():
             return TextData(**torch.load(cached, weights_only=True))
@@ -276,8 +280,8 @@ class TextCL5:
             salt = sorted(CL5_DATASETS).index(name)
             train_texts, train_labels = self._split(name, "train")
             test_texts, test_labels = self._split(name, "test")
-            keep = self._sample(train_labels, self.train_per_task, self.train_per_class, False, salt)
-            test_keep = self._sample(test_labels, self.test_per_task, None, True, 100 + salt)
+            keep = self._sample(train_labels, self.train_per_task, self.train_per_class, salt)
+            test_keep = self._sample(test_labels, self.test_per_task, None, 100 + salt)
             tasks.append((name, [train_texts[i] for i in keep], [train_labels[i] for i in keep],
                           [test_texts[i] for i in test_keep], [test_labels[i] for i in test_keep]))
         data = assemble(tasks, self.tokenizer, self.max_length)

@@ -51,11 +51,13 @@ def _offline_hint(name: str) -> str:
             f"or `hf download {name} --local-dir <folder>` and set model.name=<folder>")
 
 
-def load_config(name: str):
+def load_config(name: str, **kwargs):
+    """The model's config, with those of `kwargs` that are config attributes set (e.g. `hidden_dropout_prob=0`);
+    returns (config, the other kwargs), which go to the model's constructor."""
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name)
+        return AutoConfig.from_pretrained(name, return_unused_kwargs=True, **kwargs)
     except OSError:
         raise ConfigError(_offline_hint(name)) from None
     except ValueError as err:
@@ -107,8 +109,7 @@ def build_hf_backbone(
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # "weights not initialised" notices for the unused pooler and the like
-    config = load_config(name)
-    extra = dict(kwargs or {})
+    config, extra = load_config(name, **dict(kwargs or {}))
     if pretrained is False:
         encoder = AutoModel.from_config(config, **extra)
     else:
