@@ -13,7 +13,8 @@ so the handler only records the signal; the run stops at the next safe point, wh
 Before the task loop runs (imports, config, data) there is nothing to save: the handler stops the run at once.
 A second SIGINT (Ctrl-C twice) while the first waits for its safe point stops at once, keeping the newest checkpoint;
 other repeats are ignored (a DDP rank may get SIGTERM twice: from SLURM and forwarded by Lightning's launcher).
-Under DDP every rank stops at the same step: each safe point takes the signal any rank has recorded (an all-reduce;
+Inside a SLURM job whose environment has auto_requeue on, a stop on its requeue signal (SIGUSR1) ends with the job
+requeued (src/continual/requeue.py); the stop itself is the same. Under DDP every rank stops at the same step: each safe point takes the signal any rank has recorded (an all-reduce;
 Lightning's launcher forwards SIGTERM to the ranks it started, SLURM signals every rank itself).
 """
 
@@ -42,10 +43,11 @@ class Preemption:
     def __init__(self):
         self.received: int | None = None
         self._deferring = False
+        self.previous: dict = {}  # the handlers `install` replaced, restored by `stops_on_signal`
 
     def install(self, signals=SIGNALS) -> None:
         for signum in signals:
-            signal.signal(signum, self._on_signal)
+            self.previous.setdefault(signum, signal.signal(signum, self._on_signal))
 
     def _on_signal(self, signum, frame) -> None:
         if not self._deferring:
@@ -95,8 +97,7 @@ def stops_on_signal(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
-        PREEMPTION.received = None
+        PREEMPTION.received, PREEMPTION.previous = None, {}
         PREEMPTION.install()
         try:
             return main(*args, **kwargs)
@@ -104,7 +105,8 @@ def stops_on_signal(main):
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
         finally:
-            for signum, handler in previous.items():
+            for signum, handler in PREEMPTION.previous.items():
                 signal.signal(signum, handler)
+            PREEMPTION.previous = {}
 
     return wrapper
