@@ -106,6 +106,29 @@ def test_sigusr1_requeues_the_job_and_the_restarted_job_continues_the_run_exactl
     assert read_results(run_dir) == resumed
 
 
+@pytest.mark.slow
+def test_a_restarted_multirun_job_continues_its_job_folder(tmp_path, fake_slurm, reference):
+    """`-m` in a batch script with a fixed sweep folder (Hydra's basic launcher): the restarted job finds its job's
+    folder `<sweep>/0` again (the submitit launcher's requeued job re-runs its pickled job the same way)."""
+    import subprocess
+
+    env, calls = fake_slurm
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "src.train", "-m", f"hydra.sweep.dir={sweep}", "callbacks=none", *COMMON,
+           *signal_once(tmp_path, 8, "SIGUSR1")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    results = assert_stopped(proc, sweep / "0", "SIGUSR1")
+    assert results["requeue"]["requeued"] and calls.read_text() == "requeue 4242\n"
+    restarted = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                               env={**env, "SLURM_RESTART_COUNT": "1"})
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert f"continuing the run in {sweep / '0'}" in restarted.stderr
+    resumed = read_results(sweep / "0")
+    assert resumed["status"] == "finished"
+    for key in ("acc_matrix", "random_init_acc", "avg_acc", "bwt", "steps_per_task"):
+        assert resumed[key] == reference[key], key
+
+
 @pytest.mark.parametrize("case", ["outside SLURM", "auto_requeue=false", "SIGTERM"])
 def test_no_requeue_outside_slurm_when_switched_off_or_on_another_signal(tmp_path, fake_slurm, case):
     env, calls = fake_slurm
@@ -136,11 +159,8 @@ def test_the_job_id_and_a_failed_requeue(tmp_path, fake_slurm, monkeypatch):
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
     env, calls = fake_slurm
-    for key in [k for k in os.environ if k.startswith("SLURM_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        if key.startswith("SLURM_") or key == "PATH":
-            monkeypatch.setenv(key, value)
+    slurm_job(monkeypatch)
+    monkeypatch.setenv("PATH", env["PATH"])
     monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "4240")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     monkeypatch.setenv("FAKE_SCONTROL_EXIT", "1")
@@ -152,6 +172,32 @@ def test_the_job_id_and_a_failed_requeue(tmp_path, fake_slurm, monkeypatch):
     assert requeue.requeue_job(trainer, signal.SIGTERM) is None
     trainer.is_global_zero = False
     assert requeue.requeue_job(trainer, signal.SIGUSR1) is None  # rank 0 requeues the job
+
+
+def slurm_job(monkeypatch):
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
+    for key, value in SLURM_JOB.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("auto_requeue", [True, False])
+def test_auto_requeue_is_the_switch_of_the_trainers_slurm_environment(tmp_path, monkeypatch, auto_requeue):
+    from hydra.utils import instantiate
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from tests.helpers import compose_config
+
+    cfg = compose_config("trainer=ddp", f"auto_requeue={str(auto_requeue).lower()}", run_dir=tmp_path)
+    assert requeue.trainer_plugins(cfg) == {}  # outside SLURM: Lightning's own choice
+    slurm_job(monkeypatch)
+    plugins = requeue.trainer_plugins(cfg)["plugins"]
+    assert [type(p).__name__ for p in plugins] == ["SyncBatchNormAnyDevice", "SLURMEnvironment"]  # ddp's kept
+    cfg = compose_config("trainer=cpu", f"auto_requeue={str(auto_requeue).lower()}", run_dir=tmp_path)
+    trainer = instantiate(cfg.trainer, logger=False, **requeue.trainer_plugins(cfg))
+    env = requeue.cluster_environment(trainer)
+    assert isinstance(env, SLURMEnvironment) and env.auto_requeue is auto_requeue
+    assert requeue.requeue_signal(trainer) == (signal.SIGUSR1 if auto_requeue else None)
 
 
 def test_auto_requeue_is_refused_unless_true_or_false(tmp_path):

@@ -83,6 +83,28 @@ class Preemption:
 PREEMPTION = Preemption()  # signals are per process: one recorder per process
 
 
+def keep_lightning_off_sigterm(trainer) -> None:
+    """Make our handler the only SIGTERM handler while Lightning runs (called as each fit or test starts).
+
+    At each fit/test Lightning (2.6) puts its own handler in front of ours; under DDP that handler runs a collective
+    (a broadcast) from inside the signal handler, wherever each rank happens to be in its step, so the ranks'
+    collectives pair up wrongly (a gradient all-reduce meets a broadcast: the weights silently differ). Ours only
+    records the signal; like Lightning's, it first forwards the signal to the processes Lightning's launcher
+    started. Lightning puts the handler it found (ours) back when the fit ends."""
+    import threading
+
+    if signal.SIGTERM not in PREEMPTION.previous or threading.current_thread() is not threading.main_thread():
+        return  # our handler is not installed (a TaskLoop used in-process): leave Lightning's
+    launcher = getattr(trainer.strategy, "launcher", None)
+
+    def on_sigterm(signum, frame):
+        if launcher is not None and PREEMPTION.received is None:
+            launcher.kill(signum)
+        PREEMPTION._on_signal(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def interrupted_by_lightning(err: BaseException) -> bool:
     """Lightning's own SIGTERM handling raises `SIGTERMException` (a `SystemExit` with code None: exit 0)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException

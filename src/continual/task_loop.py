@@ -18,7 +18,15 @@ import lightning as L
 import torch
 
 from src.continual import metrics, wandb_report
-from src.continual.checkpointing import StepCheckpoint, StopOnSignal, capture_rng, link_atomic, restore_rng, save_atomic
+from src.continual.checkpointing import (
+    RestoreRngAtTrainStart,
+    StepCheckpoint,
+    StopOnSignal,
+    capture_rng,
+    link_atomic,
+    restore_rng,
+    save_atomic,
+)
 from src.continual.module import ContinualModule
 from src.continual.plots import plot_run
 from src.continual.preemption import PREEMPTION, SIGNALS, Interrupted, interrupted_by_lightning
@@ -77,11 +85,14 @@ class TaskLoop:
         self.save_checkpoints = save_checkpoints
         self.keep_every_task = bool((config.get("checkpoint") or {}).get("keep_every_task", False))
         last = self.run_dir / "checkpoints" / "last.ckpt"
-        trainer.callbacks.append(StopOnSignal(last if save_checkpoints else None))  # SIGTERM/SIGINT/SIGUSR1
-        if requeue_signal(trainer) not in (None, *SIGNALS):  # a SLURM requeue_signal of the user's choice: ours too
-            PREEMPTION.install((requeue_signal(trainer),))
         if save_checkpoints and checkpoint_every_n_steps > 0:
             trainer.callbacks.append(StepCheckpoint(last, checkpoint_every_n_steps))
+        # after StepCheckpoint: a signal during its write stops the run right after it
+        trainer.callbacks.append(StopOnSignal(last if save_checkpoints else None))  # SIGTERM/SIGINT/SIGUSR1
+        self._rng_at_train_start = RestoreRngAtTrainStart()  # a mid-task checkpoint's RNG states
+        trainer.callbacks.append(self._rng_at_train_start)
+        if requeue_signal(trainer) not in (None, *SIGNALS):  # a SLURM requeue_signal of the user's choice: ours too
+            PREEMPTION.install((requeue_signal(trainer),))
         self.started = time.perf_counter()
         self.results = {
             "schema_version": SCHEMA_VERSION,
@@ -212,7 +223,7 @@ class TaskLoop:
         ckpt_path = None
         if resume is not None:
             ckpt_path = resume["path"]
-            restore_rng(resume["rng"])
+            self._rng_at_train_start.state = resume["rng"]
         self._timed("train", lambda: self.trainer.fit(self.module, datamodule=self.dm, ckpt_path=ckpt_path,
                                                       weights_only=False))
         if self.results["timing_s"]["first_step"] is None and self.module.first_step_at is not None:
