@@ -146,7 +146,7 @@ def test_a_restarted_job_without_a_run_in_its_folder_starts_afresh_and_says_so(t
     monkeypatch.setenv("SLURM_JOB_ID", "7")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert requeue.folder_to_continue(tmp_path) is None
-    assert "starting afresh" in capsys.readouterr().err
+    assert "holds no run to continue" in capsys.readouterr().err
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")

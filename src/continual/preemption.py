@@ -13,9 +13,10 @@ so the handler only records the signal; the run stops at the next safe point, wh
 Before the task loop runs (imports, config, data) there is nothing to save: the handler stops the run at once.
 A second SIGINT (Ctrl-C twice) while the first waits for its safe point stops at once, keeping the newest checkpoint;
 other repeats are ignored (a DDP rank may get SIGTERM twice: from SLURM and forwarded by Lightning's launcher).
-Inside a SLURM job whose environment has auto_requeue on, a stop on its requeue signal (SIGUSR1) ends with the job
-requeued (src/continual/requeue.py); the stop itself is the same. Under DDP every rank stops at the same step: each safe point takes the signal any rank has recorded (an all-reduce;
-Lightning's launcher forwards SIGTERM to the ranks it started, SLURM signals every rank itself).
+Under DDP every rank stops at the same step: each safe point takes the signal any rank has recorded (an all-reduce;
+rank 0 forwards SIGTERM to the ranks Lightning's launcher started, SLURM signals every rank itself). While Lightning
+fits or tests, our SIGTERM handler stands alone (`keep_lightning_off_sigterm`). Inside a SLURM job whose environment
+has auto_requeue on, a stop on its requeue signal (SIGUSR1) ends with the job requeued (src/continual/requeue.py).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ pre-emption with requeue). Such a job continues the run whose folder it would wr
 checkpoint, as `resume=<folder>` does; a finished one is then a no-op. The folder is the same only when the command
 names it: `hydra.run.dir=<folder>` in a batch script, or the submitit launcher (the requeued job re-runs the pickled
 job, whose sweep folder was resolved at submission). A default, time-stamped run folder is a new one after the
-restart: that run starts afresh and says so (docs/sweeps.md).
+restart: a new run starts there, and says so (docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -79,7 +79,10 @@ def requeue_job(trainer, signum: int) -> dict | None:
     timeout: scontrol waits for the controller, and the job has `signal_delay_s` left."""
     if signum != requeue_signal(trainer) or not trainer.is_global_zero:
         return None
-    job = slurm_job_id()
+    try:
+        job = slurm_job_id()
+    except (KeyError, ValueError) as err:  # a SLURMEnvironment given by hand outside a SLURM job
+        return {"job_id": None, "requeued": False, "scontrol_returncode": None, "error": f"no SLURM job id: {err}"}
     record = {"job_id": job, "requeued": False, "scontrol_returncode": None}
     try:
         record["scontrol_returncode"] = subprocess.run(["scontrol", "requeue", job], timeout=SCONTROL_TIMEOUT_S).returncode
@@ -103,7 +106,7 @@ def restart_count() -> int:
 
 def folder_to_continue(folder: Path) -> Path | None:
     """In a job SLURM has restarted: `folder` when it holds a run to continue (its config and a checkpoint), else
-    None, saying on stderr that the run starts afresh. Outside a restarted job: None."""
+    None, saying on stderr that a new run starts. Outside a restarted job: None."""
     count = restart_count()
     if count < 1:
         return None
@@ -112,7 +115,8 @@ def folder_to_continue(folder: Path) -> Path | None:
         print(f"SLURM restarted this job (SLURM_RESTART_COUNT={count}): continuing the run in {folder}",
               file=sys.stderr, flush=True)
         return folder
-    print(f"warning: SLURM restarted this job (SLURM_RESTART_COUNT={count}) but {folder} holds no run to continue "
-          "(no config.yaml and checkpoints/last.ckpt): starting afresh. Name the run folder in the command "
-          "(hydra.run.dir=...) so that a restarted job finds it (docs/sweeps.md).", file=sys.stderr, flush=True)
+    print(f"note: SLURM restarted this job (SLURM_RESTART_COUNT={count}) and {folder} holds no run to continue (no "
+          "config.yaml and checkpoints/last.ckpt), so a new run starts there. A folder named by the time is a new one "
+          "after a restart: name it in the command (hydra.run.dir=...) for a requeued job to continue its run "
+          "(docs/sweeps.md).", file=sys.stderr, flush=True)
     return None
