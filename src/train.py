@@ -26,9 +26,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from src.continual import resume
+from src.continual import requeue, resume
 from src.continual.preemption import stops_on_signal  # preempt: SIGTERM/SIGINT/SIGUSR1 -> checkpoint, exit 128+n
 from src.continual.results import SCHEMA_VERSION, write_json_atomic, write_text_atomic
 from src.continual.run_lock import RunFolderInUse, hold_run_lock  # preempt: one live run per run folder
@@ -142,7 +142,7 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
     datamodule.steps_per_batch = module.steps_per_batch
     loggers = build_loggers(cfg, resume_from)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, **requeue.trainer_plugins(cfg))
     for logger in loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     loop = TaskLoop(
@@ -180,6 +180,11 @@ def build_loggers(cfg: DictConfig, resume_from: Path | None = None) -> list:
 def main(cfg: DictConfig) -> float | None:
     # resume=<folder> continues in that folder (in a single run it is also Hydra's: src/continual/resume.py)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
+    if not cfg.get("resume") and HydraConfig.get().mode == RunMode.MULTIRUN:  # a single run's: ResumeInItsFolder
+        restarted = requeue.folder_to_continue(output_dir)  # a job SLURM requeued continues its run
+        if restarted is not None:
+            with open_dict(cfg):
+                cfg.resume = str(restarted)
     run_dir = Path(cfg.resume) if cfg.get("resume") else output_dir
     failures_to = output_dir  # a refused resume= or ckpt_path= leaves the run it names as it was
     try:

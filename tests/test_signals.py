@@ -129,6 +129,16 @@ def test_sigterm_during_the_fisher_lets_the_task_end_finish_and_resumes_exactly(
     assert_same_results(run_dir, reference)
 
 
+def test_sigterm_during_the_last_tasks_end_finishes_the_run_with_complete_results(tmp_path, reference):
+    """The results are complete then: the run writes them (atomically) and ends as if uninterrupted, exit 0."""
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, *COMMON, check=False, env={**os.environ, "SIGNAL_AT_TASK_END": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "SIGTERM received: stopping at the next safe point" in proc.stderr
+    assert_same_results(run_dir, reference)
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".results.json")]  # no temporary file left
+
+
 @pytest.mark.parametrize(("name", "step"), [("SIGINT", 3), ("SIGUSR1", 16)])
 def test_sigint_and_sigusr1_mid_task(tmp_path, name, step):
     run_dir = tmp_path / "run"
@@ -144,10 +154,29 @@ def test_a_signal_during_a_checkpoint_write_waits_for_the_write(tmp_path):
     proc = run_train(run_dir, *COMMON, "checkpoint.every_n_steps=4", *signal_at(4, "SIGTERM", "checkpoint"),
                      check=False)
     assert_interrupted(proc, run_dir, signal.SIGTERM)
-    # the write that the signal hit completes (and is loadable); it holds the step the run stopped at (Lightning's
-    # own SIGTERM check stops it right after that batch, and its state is then that checkpoint's)
+    # the write that the signal hit completes (and is loadable); it holds the step the run stopped at (the stop
+    # check runs after that checkpoint, at the same step)
     saved = checkpoint(run_dir)
     assert saved["continual"]["phase"] == "training" and saved["global_step"] == 4
+
+
+DDP = ("trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu", "dataset.tasks.n_tasks=2")
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_stops_both_ranks_and_resumes_exactly(tmp_path):
+    """2 gloo processes; SIGTERM to the launching process (rank 0) mid-task: Lightning's launcher forwards it to
+    rank 1, both stop at the same step (exit 143), and resume= ends as the uninterrupted DDP run."""
+    reference = tmp_path / "reference"
+    run_train(reference, *COMMON, *DDP)
+    run_dir = tmp_path / "run"
+    proc = run_train(run_dir, *COMMON, *DDP, *signal_at(10, "SIGTERM"), check=False)
+    assert_interrupted(proc, run_dir, signal.SIGTERM)
+    saved = checkpoint(run_dir)
+    assert saved["continual"]["phase"] == "training" and saved["global_step"] == 11
+    assert len(read_results(run_dir)["acc_matrix"]) == 1
+    run_train(run_dir, *COMMON, *DDP, f"resume={run_dir}", "+callbacks.signal.step=1000000")
+    assert_same_results(run_dir, reference)
 
 
 def test_a_signal_at_start_up_exits_at_once_with_one_line_and_writes_nothing(tmp_path):

@@ -14,7 +14,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from src.continual.preemption import PREEMPTION, Interrupted
+from src.continual.preemption import PREEMPTION, Interrupted, keep_lightning_off_sigterm
 
 
 def capture_rng() -> dict:
@@ -82,6 +82,20 @@ def save_mid_task(trainer: L.Trainer, pl_module, path: Path | None) -> None:
         save_atomic(trainer, path)
 
 
+class RestoreRngAtTrainStart(L.Callback):
+    """Restore a mid-task checkpoint's RNG states once its `fit` starts training. Not before `fit`: under DDP
+    Lightning seeds every process again as each fit sets up (`DDPStrategy.setup_distributed` → `reset_seed`), which
+    replaced them, so a resumed DDP run drew other dropout masks than the run it continues."""
+
+    def __init__(self):
+        self.state: dict | None = None
+
+    def on_train_start(self, trainer, pl_module):
+        if self.state is not None:
+            restore_rng(self.state)
+            self.state = None
+
+
 class StopOnSignal(L.Callback):
     """Stop a task at the first safe point after SIGTERM/SIGINT/SIGUSR1 (src/continual/preemption.py): checkpoint
     the step just taken to `path` and raise `Interrupted`. Under DDP the ranks agree on the step (one all-reduce of
@@ -95,6 +109,12 @@ class StopOnSignal(L.Callback):
         if signum is not None:
             save_mid_task(trainer, pl_module, self.path)
             raise Interrupted(signum)
+
+    def on_train_start(self, trainer, pl_module):  # after Lightning has installed its signal handlers
+        keep_lightning_off_sigterm(trainer)
+
+    def on_test_start(self, trainer, pl_module):
+        keep_lightning_off_sigterm(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # that one: at the epoch's end instead

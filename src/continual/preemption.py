@@ -14,7 +14,9 @@ Before the task loop runs (imports, config, data) there is nothing to save: the 
 A second SIGINT (Ctrl-C twice) while the first waits for its safe point stops at once, keeping the newest checkpoint;
 other repeats are ignored (a DDP rank may get SIGTERM twice: from SLURM and forwarded by Lightning's launcher).
 Under DDP every rank stops at the same step: each safe point takes the signal any rank has recorded (an all-reduce;
-Lightning's launcher forwards SIGTERM to the ranks it started, SLURM signals every rank itself).
+rank 0 forwards SIGTERM to the ranks Lightning's launcher started, SLURM signals every rank itself). While Lightning
+fits or tests, our SIGTERM handler stands alone (`keep_lightning_off_sigterm`). Inside a SLURM job whose environment
+has auto_requeue on, a stop on its requeue signal (SIGUSR1) ends with the job requeued (src/continual/requeue.py).
 """
 
 from __future__ import annotations
@@ -42,10 +44,11 @@ class Preemption:
     def __init__(self):
         self.received: int | None = None
         self._deferring = False
+        self.previous: dict = {}  # the handlers `install` replaced, restored by `stops_on_signal`
 
     def install(self, signals=SIGNALS) -> None:
         for signum in signals:
-            signal.signal(signum, self._on_signal)
+            self.previous.setdefault(signum, signal.signal(signum, self._on_signal))
 
     def _on_signal(self, signum, frame) -> None:
         if not self._deferring:
@@ -81,6 +84,28 @@ class Preemption:
 PREEMPTION = Preemption()  # signals are per process: one recorder per process
 
 
+def keep_lightning_off_sigterm(trainer) -> None:
+    """Make our handler the only SIGTERM handler while Lightning runs (called as each fit or test starts).
+
+    At each fit/test Lightning (2.6) puts its own handler in front of ours; under DDP that handler runs a collective
+    (a broadcast) from inside the signal handler, wherever each rank happens to be in its step, so the ranks'
+    collectives pair up wrongly (a gradient all-reduce meets a broadcast: the weights silently differ). Ours only
+    records the signal; like Lightning's, it first forwards the signal to the processes Lightning's launcher
+    started. Lightning puts the handler it found (ours) back when the fit ends."""
+    import threading
+
+    if signal.SIGTERM not in PREEMPTION.previous or threading.current_thread() is not threading.main_thread():
+        return  # our handler is not installed (a TaskLoop used in-process): leave Lightning's
+    launcher = getattr(trainer.strategy, "launcher", None)
+
+    def on_sigterm(signum, frame):
+        if launcher is not None and PREEMPTION.received is None:
+            launcher.kill(signum)
+        PREEMPTION._on_signal(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def interrupted_by_lightning(err: BaseException) -> bool:
     """Lightning's own SIGTERM handling raises `SIGTERMException` (a `SystemExit` with code None: exit 0)."""
     from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -95,8 +120,7 @@ def stops_on_signal(main):
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
-        PREEMPTION.received = None
+        PREEMPTION.received, PREEMPTION.previous = None, {}
         PREEMPTION.install()
         try:
             return main(*args, **kwargs)
@@ -104,7 +128,8 @@ def stops_on_signal(main):
             print(f"error: {err}", file=sys.stderr, flush=True)
             sys.exit(err.exit_code)
         finally:
-            for signum, handler in previous.items():
+            for signum, handler in PREEMPTION.previous.items():
                 signal.signal(signum, handler)
+            PREEMPTION.previous = {}
 
     return wrapper

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from src.continual.validate import ConfigError, validate_config
 
 # What may differ between a run and its continuation: where things are written, how it is logged and checkpointed.
-MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "paths", "logger", "callbacks", "checkpoint", "save_checkpoints",
+MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "auto_requeue", "paths", "logger", "callbacks", "checkpoint", "save_checkpoints",
                         "trainer.default_root_dir", "dataset.source.root")
 # Keys added after runs may have been started, with the value that reproduces those runs: a run folder whose
 # config.yaml lacks one was made with that value (so it can still be resumed).
@@ -170,9 +170,11 @@ class ResumeInItsFolder(Callback):
     the run's own config, in the run's folder."""
 
     def on_run_start(self, config: DictConfig, config_name: str | None = None, **kwargs) -> None:
-        if not config.get("resume"):
-            return
         try:
+            if not config.get("resume"):
+                self._continue_restarted_job(config)
+            if not config.get("resume"):
+                return
             self._continue_in_run_folder(config, resumed_config(config, config_name))
         except ConfigError as err:
             print(f"error: {err}", file=sys.stderr)
@@ -182,6 +184,27 @@ class ResumeInItsFolder(Callback):
             print(f"error: resume={config.resume!r} is invalid: it could not be checked ({type(err).__name__}: "
                   f"{first})", file=sys.stderr)
             sys.exit(2)
+
+    @staticmethod
+    def _continue_restarted_job(config: DictConfig) -> None:
+        """A job SLURM restarted (src/continual/requeue.py) whose run folder holds a run: run as if the command had
+        said `resume=<that folder>`."""
+        from hydra.core.hydra_config import HydraConfig
+
+        from src.continual.requeue import folder_to_continue, restart_count
+
+        if restart_count() < 1:
+            return
+        previous = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(config.copy())  # the folder's name may use `${hydra:…}` (a copy: this
+        try:  # marks its hydra node read-only; `${now:…}` is cached in the config itself, as when Hydra resolves it)
+            folder = folder_to_continue(Path(str(config.hydra.run.dir)))
+        finally:
+            HydraConfig.instance().cfg = previous
+        if folder is not None:
+            with read_write(config), open_dict(config):
+                config.resume = str(folder)
+                config.hydra.overrides.task.append(f"resume='{folder}'")
 
     @staticmethod
     def _continue_in_run_folder(config: DictConfig, composed: DictConfig) -> None:

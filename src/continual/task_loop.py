@@ -18,10 +18,19 @@ import lightning as L
 import torch
 
 from src.continual import metrics, wandb_report
-from src.continual.checkpointing import StepCheckpoint, StopOnSignal, capture_rng, link_atomic, restore_rng, save_atomic
+from src.continual.checkpointing import (
+    RestoreRngAtTrainStart,
+    StepCheckpoint,
+    StopOnSignal,
+    capture_rng,
+    link_atomic,
+    restore_rng,
+    save_atomic,
+)
 from src.continual.module import ContinualModule
 from src.continual.plots import plot_run
-from src.continual.preemption import PREEMPTION, Interrupted, interrupted_by_lightning
+from src.continual.preemption import PREEMPTION, SIGNALS, Interrupted, interrupted_by_lightning
+from src.continual.requeue import requeue_job, requeue_signal
 from src.continual.results import SCHEMA_VERSION, format_table, write_json_atomic
 from src.data.datamodule import TaskSequenceDataModule
 
@@ -76,9 +85,14 @@ class TaskLoop:
         self.save_checkpoints = save_checkpoints
         self.keep_every_task = bool((config.get("checkpoint") or {}).get("keep_every_task", False))
         last = self.run_dir / "checkpoints" / "last.ckpt"
-        trainer.callbacks.append(StopOnSignal(last if save_checkpoints else None))  # SIGTERM/SIGINT/SIGUSR1
         if save_checkpoints and checkpoint_every_n_steps > 0:
             trainer.callbacks.append(StepCheckpoint(last, checkpoint_every_n_steps))
+        # after StepCheckpoint: a signal during its write stops the run right after it
+        trainer.callbacks.append(StopOnSignal(last if save_checkpoints else None))  # SIGTERM/SIGINT/SIGUSR1
+        self._rng_at_train_start = RestoreRngAtTrainStart()  # a mid-task checkpoint's RNG states
+        trainer.callbacks.append(self._rng_at_train_start)
+        if requeue_signal(trainer) not in (None, *SIGNALS):  # a SLURM requeue_signal of the user's choice: ours too
+            PREEMPTION.install((requeue_signal(trainer),))
         self.started = time.perf_counter()
         self.results = {
             "schema_version": SCHEMA_VERSION,
@@ -109,6 +123,7 @@ class TaskLoop:
                          "train": 0.0, "task_end": 0.0, "eval": 0.0, "checkpoint": 0.0},
             "wall_time_s": None,
             "peak_memory_mb": None,  # {"rss": resident memory, "gpu": PyTorch's GPU allocations}, peaks so far
+            "requeue": None,  # a stop on SLURM's requeue signal: {"job_id", "requeued", "scontrol_returncode"}
         }
 
     # ---- one evaluation: accuracy on every task ------------------------------------------------------------------
@@ -144,16 +159,34 @@ class TaskLoop:
             # Lightning's own SIGTERMException: it stopped between our safe points (a signal just after one of
             # them), so the newest checkpoint is the one to continue from
             stopped = Interrupted(signal.SIGTERM) if interrupted_by_lightning(err) else err
-            interrupted = isinstance(stopped, Interrupted)
-            self.results["status"] = "interrupted" if interrupted else "failed"
-            self.results["error"] = str(stopped) if interrupted else f"{type(err).__name__}: {err}"
-            self._write()
-            if interrupted:
-                self._info("%s: continue with `python -m src.train resume=%s`", stopped, self.run_dir)
+            with PREEMPTION.deferred():  # SLURM signals a job it requeues: that must not cut what follows
+                self._record_stop(stopped, err)
             if stopped is not err:
                 raise stopped from None
             raise
         return self.results
+
+    def _record_stop(self, stopped: BaseException, err: BaseException) -> None:
+        """results.json says how the run stopped; after a stop on SLURM's requeue signal, with the checkpoint and
+        that file written, the job is requeued (src/continual/requeue.py) and results.json says so too."""
+        interrupted = isinstance(stopped, Interrupted)
+        self.results["status"] = "interrupted" if interrupted else "failed"
+        self.results["error"] = str(stopped) if interrupted else f"{type(err).__name__}: {err}"
+        self._write()
+        if not interrupted:
+            return
+        requeue = requeue_job(self.trainer, stopped.signum)
+        if requeue is None:
+            self._info("%s: continue with `python -m src.train resume=%s`", stopped, self.run_dir)
+            return
+        self.results["requeue"] = requeue
+        self._write()
+        if requeue["requeued"]:
+            self._info("%s: SLURM job %s requeued; it continues this run when it restarts", stopped, requeue["job_id"])
+        else:
+            log.warning("%s: requeueing SLURM job %s failed (scontrol: %s); continue with `python -m src.train "
+                        "resume=%s`", stopped, requeue["job_id"],
+                        requeue.get("error") or f"exit code {requeue['scontrol_returncode']}", self.run_dir)
 
     def _run(self, resume_from: Path | None) -> None:
         first_task, mid_task = 0, None
@@ -190,7 +223,7 @@ class TaskLoop:
         ckpt_path = None
         if resume is not None:
             ckpt_path = resume["path"]
-            restore_rng(resume["rng"])
+            self._rng_at_train_start.state = resume["rng"]
         self._timed("train", lambda: self.trainer.fit(self.module, datamodule=self.dm, ckpt_path=ckpt_path,
                                                       weights_only=False))
         if self.results["timing_s"]["first_step"] is None and self.module.first_step_at is not None:
@@ -233,7 +266,7 @@ class TaskLoop:
             raise ResumeError(f"{path}: not a checkpoint of a task sequence run")
         saved = state["results"]
         self.results.update({k: v for k, v in saved.items() if k in self.results and k != "config"})
-        self.results["status"], self.results["error"] = "running", None
+        self.results["status"], self.results["error"], self.results["requeue"] = "running", None, None
         self.started = time.perf_counter() - (saved.get("wall_time_s") or 0.0)
         self.module.on_load_checkpoint(checkpoint)
         task = state["task"]
