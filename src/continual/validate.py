@@ -316,6 +316,9 @@ def _targets_below(node, path: str):
 def validate_config(cfg: DictConfig) -> None:
     trainer, data = cfg.trainer, cfg.dataset
     check_seed(cfg)
+    from src.continual.threads import check_threads
+
+    check_threads(cfg.get("threads", "auto"))
     steps = trainer.get("max_steps", -1)
     epochs = trainer.get("max_epochs", 1)
     _check(isinstance(steps, int) and (steps == -1 or steps >= 1), "trainer.max_steps", steps,
