@@ -26,7 +26,7 @@ from src.continual.validate import ConfigError, validate_config
 
 # What may differ between a run and its continuation: where things are written, how it is logged and checkpointed.
 MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "paths", "logger", "callbacks", "checkpoint", "save_checkpoints",
-                        "threads", "trainer.default_root_dir", "dataset.source.root")
+                        "threads", "dataset.cache_task_transform", "trainer.default_root_dir", "dataset.source.root")
 # Keys added after runs may have been started, with the value that reproduces those runs: a run folder whose
 # config.yaml lacks one was made with that value (so it can still be resumed).
 ADDED_KEYS = {"steps_per_batch": 1}

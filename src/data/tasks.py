@@ -132,6 +132,7 @@ class SameClassesEveryTask:
     """
 
     kind = ""
+    transforms_inputs = True  # `batch_transform` changes the images (the DataModule may cache a task's result)
 
     def __init__(self, n_tasks: int, seed: int | None = None):
         if n_tasks < 1:
