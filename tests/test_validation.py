@@ -59,6 +59,8 @@ BAD = [
     (["steps_per_batch=2.5"], "steps_per_batch=2.5"),
     (["steps_per_batch=4", "trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0"),
     (["steps_per_batch=4", "+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2"),
+    (["eval.every_n_tasks=0"], "eval.every_n_tasks=0 is invalid: an integer >= 1"),
+    (["eval.tasks=seen"], "eval.tasks='seen' is invalid: one of all, seen_and_next"),
     (["threads=0"], "threads=0 is invalid: auto or an integer >= 1"),
     (["threads=many"], "threads='many' is invalid: auto or an integer >= 1"),
     (["threads=true"], "threads=True is invalid"),

@@ -29,7 +29,7 @@ MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "paths", "logger", "callbacks", "
                         "threads", "dataset.cache_task_transform", "trainer.default_root_dir", "dataset.source.root")
 # Keys added after runs may have been started, with the value that reproduces those runs: a run folder whose
 # config.yaml lacks one was made with that value (so it can still be resumed).
-ADDED_KEYS = {"steps_per_batch": 1}
+ADDED_KEYS = {"steps_per_batch": 1, "eval.every_n_tasks": 1, "eval.tasks": "all"}
 # Config groups whose choice may differ (their keys are in MAY_DIFFER_ON_RESUME)
 _GROUPS_THAT_MAY_DIFFER = ("logger", "callbacks", "paths", "hydra", "debug", "local")
 

@@ -342,6 +342,12 @@ def validate_config(cfg: DictConfig) -> None:
                f"1 when steps_per_batch > 1 (it is {k})")
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     _check(isinstance(every, int) and every >= 0, "checkpoint.every_n_steps", every, "an integer >= 0 (0: off)")
+    evaluation = cfg.get("eval") or {}
+    every = evaluation.get("every_n_tasks", 1)
+    _check(isinstance(every, int) and not isinstance(every, bool) and every >= 1, "eval.every_n_tasks", every,
+           "an integer >= 1 (evaluate after every N-th task and after the last)")
+    which = evaluation.get("tasks", "all")
+    _check(which in ("all", "seen_and_next"), "eval.tasks", which, "one of all, seen_and_next")
     keep = cfg.get("checkpoint", {}).get("keep_every_task", False)
     _check(isinstance(keep, bool), "checkpoint.keep_every_task", keep, "true or false")
 

@@ -73,6 +73,7 @@ class TaskSequenceDataModule(L.LightningDataModule):
         # `steps_per_batch` by build_task_loop); after the transfer they are lists of the steps' batches
         self.steps_per_batch = 1
         self.eval_split = "test"  # what `test_dataloader` serves: "test", or "val" (carved from train)
+        self.eval_tasks: list[int] | None = None  # the tasks `test_dataloader` serves, in order (None: all)
         self._norm_cache: dict = {}
         # DDP (src/data/global_batch.py): `batch_size` is the global batch. The loss weights of the training steps
         # prepared but not yet back-propagated (taken by GlobalBatchLossWeights)
@@ -202,11 +203,12 @@ class TaskSequenceDataModule(L.LightningDataModule):
         return self.eval_dataloaders(self.eval_split)
 
     def eval_dataloaders(self, split: str = "test") -> list[TensorBatchLoader]:
-        """One loader per task (seen or not), in task order; `split` is "test" or "val".
+        """One loader per task (seen or not; `eval_tasks`: those only), in task order; `split` is "test" or "val".
 
         With `eval_max_samples` = N, each task's N samples at evenly spaced positions of its split (a task's samples
         are stored class by class, so its first N would be one class): the same samples at every evaluation."""
-        loaders = [self._loader(split, [t], self.eval_batch_size, shuffle=False) for t in range(self.n_tasks)]
+        tasks = range(self.n_tasks) if self.eval_tasks is None else self.eval_tasks
+        loaders = [self._loader(split, [t], self.eval_batch_size, shuffle=False) for t in tasks]
         for loader in loaders:
             n = len(loader.index)
             if self.eval_max_samples is not None and n > self.eval_max_samples:
