@@ -129,30 +129,30 @@ class TaskLoop:
     # ---- one evaluation: accuracy on every task ------------------------------------------------------------------
     def evaluate(self, split: str = "test", tasks: list[int] | None = None) -> list[float | None]:
         """Accuracy on every task, or on `tasks` only (the others None)."""
-        self.dm.eval_split, self.dm.eval_tasks = split, tasks
         # what an evaluation cut short would leave changed: the global RNG (each DataLoader iterator draws from it)
         # and the modules' train/eval modes (Lightning restores them at the evaluation's end)
         rng, modes = capture_rng(), [(m, m.training) for m in self.module.modules()]
         while True:
+            self.dm.eval_split, self.dm.eval_tasks = split, tasks
             try:
                 self.trainer.test(self.module, datamodule=self.dm, verbose=False)
-                if tasks is None:
-                    return list(self.module.last_eval)
-                row = [None] * self.dm.n_tasks
-                for j, acc in zip(tasks, self.module.last_eval, strict=True):
-                    row[j] = acc
-                return row
+                break
             except BaseException as err:  # Lightning cut the evaluation short on SIGTERM: the run stops after
                 if not interrupted_by_lightning(err):  # this task's end (preemption.py), so evaluate in full,
-                    self.dm.eval_tasks = None          # as if uninterrupted
-                    raise
+                    raise                              # as if uninterrupted
                 restore_rng(rng)
                 for module, training in modes:
                     module.train(training)
             finally:
                 self.dm.eval_tasks = None
+        if tasks is None:
+            return list(self.module.last_eval)
+        row = [None] * self.dm.n_tasks
+        for j, acc in zip(tasks, self.module.last_eval, strict=True):
+            row[j] = acc
+        return row
 
-    def tasks_to_evaluate(self, task: int) -> list[int] | None:
+    def tasks_to_evaluate(self, task: int) -> list[int]:
         """After training `task`: every task, [] for none (eval.every_n_tasks: a row of nulls; the last task is always
         evaluated), or with eval.tasks=seen_and_next tasks 0…task+1."""
         last = task == self.dm.n_tasks - 1

@@ -1,0 +1,99 @@
+"""Cost per task as the sequence grows: `python -m src.bench --scale`.
+
+Permuted Fashion-MNIST (domain-incremental, one shared head) with 5, 20 and 50 tasks and a fixed number of steps per
+task, for finetune, EWC in separate and in online mode, and LwF; each run is `python -m src.train` in a subprocess,
+split per task by the run's own clocks (results.json `task_costs`: train / task end / evaluation / checkpoint
+seconds, resident memory at the task's end, checkpoint size). Evaluation is on `dataset.eval_max_samples` samples per
+task (its cost still grows with the tasks evaluated, which is what `eval.every_n_tasks` and `eval.tasks` are for).
+Target (issue 15): the cost of a task, evaluation excluded, at task 50 ≤ 1.2 × at task 5 (medians over the five
+tasks ending there, of the 50-task run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from src.config import ROOT
+
+TARGET = 1.2
+LENGTHS = (5, 20, 50)
+METHODS = {"finetune": ["method=finetune"], "ewc separate": ["method=ewc", "method.mode=separate"],
+           "ewc online": ["method=ewc", "method.mode=online"], "lwf": ["method=lwf"]}
+PARTS = ("train_s", "task_end_s", "checkpoint_s", "eval_s")
+
+
+def run(overrides: list[str], run_dir: Path) -> dict:
+    cmd = [sys.executable, "-m", "src.train", f"hydra.run.dir={run_dir}", "callbacks=none", *overrides]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    results = json.loads((run_dir / "results.json").read_text())
+    return {"wall_s": wall, "task_costs": results["task_costs"], "peak_rss_mb": results["peak_memory_mb"]["rss"]}
+
+
+def at_task(costs: list[dict], task: int, window: int = 5) -> dict:
+    """Medians over the `window` tasks ending at `task` (1-based) of each part, and of their sum without evaluation."""
+    rows = costs[max(0, task - window) : task]
+    out = {part: statistics.median(r.get(part, 0.0) for r in rows) for part in PARTS}
+    out["without_eval_s"] = statistics.median(sum(r.get(p, 0.0) for p in PARTS if p != "eval_s") for r in rows)
+    out["rss_mb"] = rows[-1]["rss_mb"]
+    out["checkpoint_mb"] = rows[-1].get("checkpoint_mb")
+    return out
+
+
+def bench_scale(extra: list[str], steps: int, eval_samples: int, tmp: Path, lengths=LENGTHS) -> dict:
+    common = ["dataset=permuted_fmnist", "scenario=domain", f"trainer.max_steps={steps}",
+              f"dataset.eval_max_samples={eval_samples}", *extra]
+    runs = {}
+    for method, overrides in METHODS.items():
+        runs[method] = {}
+        for n in lengths:
+            folder = tmp / f"{method.replace(' ', '_')}-{n}"
+            runs[method][str(n)] = run([*overrides, f"dataset.tasks.n_tasks={n}", *common], folder)
+    longest = str(max(lengths))
+    summary = {}
+    for method, by_length in runs.items():
+        costs = by_length[longest]["task_costs"]
+        points = {str(t): at_task(costs, t) for t in lengths}
+        first, last = points[str(min(lengths))], points[longest]
+        summary[method] = {"at_task": points, "growth_without_eval": last["without_eval_s"] / first["without_eval_s"],
+                           "growth_eval": last["eval_s"] / first["eval_s"],
+                           "wall_s": {n: r["wall_s"] for n, r in by_length.items()}}
+    return {"kind": "scale", "title": f"Cost per task as the sequence grows (permuted Fashion-MNIST, domain-IL, "
+            f"{steps} steps per task)", "command_overrides": common, "steps_per_task": steps, "lengths": list(lengths),
+            "eval_max_samples": eval_samples, "runs": runs, "summary": summary, "target": TARGET}
+
+
+def render(result: dict) -> str:
+    m = result["machine"]
+    lengths = [str(n) for n in result["lengths"]]
+    lines = [f"### {result['title']}", "",
+             f"{m['cpu']} · {m['cores']} cores · torch {m['torch']} · {result['date']} · load {result['load']}", "",
+             f"`{result['command']}` (each run: `python -m src.train {' '.join(result['command_overrides'])} "
+             "method=… dataset.tasks.n_tasks=…`)", "",
+             "Per task, medians over the five tasks ending at task t of the longest run (seconds; memory: resident "
+             "at the task's end; checkpoint: last.ckpt's size):", "",
+             "| method | t | train | task end | checkpoint | **without eval** | eval | RSS (MB) | ckpt (MB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for method, s in result["summary"].items():
+        for t in lengths:
+            p = s["at_task"][t]
+            ckpt = f"{p['checkpoint_mb']:.1f}" if p.get("checkpoint_mb") is not None else "-"
+            lines.append(f"| {method} | {t} | {p['train_s']:.3f} | {p['task_end_s']:.3f} | {p['checkpoint_s']:.3f} | "
+                         f"**{p['without_eval_s']:.3f}** | {p['eval_s']:.3f} | {p['rss_mb']:.0f} | {ckpt} |")
+    lines += ["", "| method | without eval: task " + f"{lengths[-1]} ÷ task {lengths[0]} | target | met | eval: task "
+              f"{lengths[-1]} ÷ task {lengths[0]} | wall of the " + ", ".join(lengths) + "-task runs (s) |",
+              "|---|---|---|---|---|---|"]
+    for method, s in result["summary"].items():
+        g = s["growth_without_eval"]
+        lines.append(f"| {method} | {g:.2f} | ≤ {result['target']} | {'yes' if g <= result['target'] else '**no**'} | "
+                     f"{s['growth_eval']:.1f} | " + ", ".join(f"{s['wall_s'][n]:.0f}" for n in lengths) + " |")
+    return "\n".join(lines)
