@@ -29,10 +29,14 @@ CONTENDERS = {
 def bench_transforms(extra: list[str], rounds: int, steps: int, tmp: Path) -> dict:
     loops = {}
     for name, overrides in CONTENDERS.items():
-        loop, _ = build("finetune", [*overrides, "callbacks=none", "logger=none", *extra], tmp / "".join(c for c in name if c.isalnum()))
+        folder = tmp / "".join(c for c in name if c.isalnum())
+        loop, _ = build("finetune", [*overrides, "callbacks=none", "logger=none", *extra], folder)
+        if loop.dm.cache_task_transform:  # a step as in a task of >= 1 epoch, where the cache is used (not in
+            loop.dm._caches_transform = lambda: True  # the few steps measured here: the DataModule's own rule)
         loop.module.trained_up_to = 0
         start_task(loop, 1)
         framework_epoch(loop, 1, 2)  # warm-up (and the task's cache)
+        assert (loop.dm._transform_cache is not None) == ("per batch" not in name and name != "split"), name
         loops[name] = loop
     device = loops["split"].module.device
     seconds = {name: [] for name in loops}

@@ -40,6 +40,13 @@ def test_no_cache_when_batches_mix_tasks_or_are_augmented_or_split(tmp_path):
     assert not split.train_dataloader().record_rows  # class splits have no input transform
 
 
+def test_no_cache_for_a_task_shorter_than_its_images(tmp_path):
+    """7 steps of 32 images transform 224 images per batch; the cache would transform all 900 of the task."""
+    loop = build_loop(tmp_path, "dataset=rotated_mnist", *SMALL, "trainer.max_steps=7", "save_checkpoints=false")
+    loop.run()
+    assert loop.dm._transform_cache is None
+
+
 @pytest.mark.parametrize("overrides", [
     ("dataset=rotated_mnist", "method=er", "method.buffer_size=50"),  # replay: earlier tasks' samples per batch
     ("dataset=permuted_mnist", "steps_per_batch=3", "method=ewc"),
@@ -47,7 +54,8 @@ def test_no_cache_when_batches_mix_tasks_or_are_augmented_or_split(tmp_path):
 def test_a_run_is_the_same_with_and_without_the_cache(tmp_path, overrides):
     results = {}
     for cache in (True, False):
-        loop = build_loop(tmp_path / str(cache), *overrides, *SMALL, "trainer.max_steps=7", "deterministic=true",
+        # 30 steps of 32 ≥ the task's 900 training images: long enough to cache
+        loop = build_loop(tmp_path / str(cache), *overrides, *SMALL, "trainer.max_steps=30", "deterministic=true",
                           f"dataset.cache_task_transform={cache}", "save_checkpoints=false")
         out = loop.run()
         results[cache] = (out["acc_matrix"], {k: v.clone() for k, v in loop.module.state_dict().items()})

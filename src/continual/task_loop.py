@@ -281,7 +281,7 @@ class TaskLoop:
         if "phase" not in state:
             raise ResumeError(f"{path}: not a checkpoint of a task sequence run")
         saved = state["results"]
-        self.results.update({k: v for k, v in saved.items() if k in self.results and k != "config"})
+        self.results.update({k: v for k, v in saved.items() if k in self.results and k not in ("config", "threads")})
         self.results["status"], self.results["error"] = "running", None
         self.started = time.perf_counter() - (saved.get("wall_time_s") or 0.0)
         self.module.on_load_checkpoint(checkpoint)

@@ -272,10 +272,14 @@ class TaskSequenceDataModule(L.LightningDataModule):
 
     # ---- the training task's transformed images, once per task ----------------------------------------------------
     def _caches_transform(self) -> bool:
-        """Cache when the task transforms its inputs (permuted, rotated), batches hold one task and nothing random
-        comes before the transform (augmentation draws differ every step)."""
-        return (self.cache_task_transform and self.augment is None and len(self.train_tasks) == 1
-                and getattr(self.tasks, "transforms_inputs", False))
+        """Cache when the task transforms its inputs (permuted, rotated), batches hold one task, nothing random
+        comes before the transform (augmentation draws differ every step), and the task trains on at least as many
+        images as it has (a task of a few steps, e.g. `trainer.max_steps=20`, transforms fewer per batch)."""
+        if not (self.cache_task_transform and self.augment is None and len(self.train_tasks) == 1
+                and getattr(self.tasks, "transforms_inputs", False)):
+            return False
+        steps = _steps_left(self.trainer) if self.trainer is not None else None
+        return steps is None or steps * self.batch_size >= len(self.task_list[self.current_task].train_index)
 
     def _task_cache(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot, images): the training task's images normalised and transformed once, as float on `device`, and for
