@@ -31,8 +31,8 @@ def bench_transforms(extra: list[str], rounds: int, steps: int, tmp: Path) -> di
     for name, overrides in CONTENDERS.items():
         folder = tmp / "".join(c for c in name if c.isalnum())
         loop, _ = build("finetune", [*overrides, "callbacks=none", "logger=none", *extra], folder)
-        if loop.dm.cache_task_transform:  # a step as in a task of >= 1 epoch, where the cache is used (not in
-            loop.dm._caches_transform = lambda: True  # the few steps measured here: the DataModule's own rule)
+        if loop.dm.cache_task_transform and loop.dm.tasks.transforms_inputs:  # a step as in a task of >= 1 epoch,
+            loop.dm._caches_transform = lambda: True  # where the cache is used (not in the few steps measured here)
         loop.module.trained_up_to = 0
         start_task(loop, 1)
         framework_epoch(loop, 1, 2)  # warm-up (and the task's cache)
