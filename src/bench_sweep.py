@@ -64,7 +64,7 @@ def render(result: dict) -> str:
     m, r = result["machine"], result["ratios"]
     met = r["joblib n_jobs=4 ÷ joblib n_jobs=2"] <= 1.0
     lines = [f"### {result['title']}", "",
-             f"{m['cpu']} · {result['cores']} cores · torch {m['torch']} · {result['date']} · load {result['load']}", "",
+             f"{m['cpu']} · {result['cores']} cores · torch {m['torch']} · {result['date']} · load (1, 5, 15 min) {result['load']}", "",
              f"`{result['command']}`", "",
              "| sweep | wall (s) | ÷ sequential | threads per job (intra-op / inter-op) |", "|---|---|---|---|"]
     for name, run in result["runs"].items():

@@ -71,7 +71,8 @@ def render(result: dict) -> str:
     r, m = result["ratios"], result["machine"]
     met = r["rotated_vs_permuted_step"] <= result["target_rotated_vs_permuted"]
     lines = [f"### {result['title']}", "",
-             f"{m['cpu']} · {m['cores']} cores · torch {m['torch']} · {result['date']} · load {result['load']}", "",
+             f"{m['cpu']} · {m['cores']} cores ({m['torch_threads']} torch threads in the bench process) · torch {m['torch']} · "
+             f"{result['date']} · load (1, 5, 15 min) {result['load']}", "",
              f"`{result['command']}`", "",
              "| measure | value | target | met |", "|---|---|---|---|",
              f"| rotated step ÷ permuted step (task cached) | {r['rotated_vs_permuted_step']:.2f} | "

@@ -92,6 +92,7 @@ class TaskLoop:
         if save_checkpoints and checkpoint_every_n_steps > 0:
             trainer.callbacks.append(StepCheckpoint(last, checkpoint_every_n_steps))
         self.started = time.perf_counter()
+        self._cpu_spent: dict[str, float] = {}
         self.results = {
             "schema_version": SCHEMA_VERSION,
             "status": "running",
@@ -116,7 +117,8 @@ class TaskLoop:
             "method_summary": {},
             "steps_per_task": [],
             "task_times_s": [],
-            # per task: seconds in train / task_end / eval / checkpoint, resident memory at its end, checkpoint size
+            # per task: seconds in train / task_end / eval / checkpoint (wall, and this process's CPU: `*_cpu_s`),
+            # resident memory at its end, checkpoint size
             "task_costs": [],
             # startup: process start → this loop (imports, config, data, model); first_step: process start → first
             # training step; data: loading the dataset (part of startup); the rest are sums over the run
@@ -169,9 +171,11 @@ class TaskLoop:
         return self.evaluate(split, None if len(tasks) == self.dm.n_tasks else tasks)
 
     def _timed(self, key, fn, *args):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = fn(*args)
         self.results["timing_s"][key] += time.perf_counter() - start
+        # CPU seconds too: on a shared machine wall time follows the neighbours' load, CPU time the work done
+        self._cpu_spent[key] = self._cpu_spent.get(key, 0.0) + time.process_time() - cpu
         return out
 
     # ---- the sequence --------------------------------------------------------------------------------------------
@@ -214,7 +218,7 @@ class TaskLoop:
         """Train, end and evaluate one task; `resume` holds the loop state of a checkpoint taken inside it."""
         regularizer, n_tasks = self.module.regularizer, self.dm.n_tasks
         task_start = time.perf_counter()
-        spent_before = dict(self.results["timing_s"])
+        spent_before, cpu_before = dict(self.results["timing_s"]), dict(self._cpu_spent)
         self.dm.set_task(task, include_past=regularizer.trains_on_past_tasks)
         self.module.current_task = task
         self._info("task %d/%d: classes %s, training on task(s) %s%s", task + 1, n_tasks,
@@ -254,11 +258,14 @@ class TaskLoop:
         self._log_row(task, row)
         spent = self.results["timing_s"]
         costs = {f"{k}_s": spent[k] - spent_before[k] for k in ("train", "task_end", "eval")}
+        costs.update({f"{k}_cpu_s": self._cpu_spent.get(k, 0.0) - cpu_before.get(k, 0.0)
+                      for k in ("train", "task_end", "eval")})
         self.results["task_costs"].append({**costs, "rss_mb": resident_memory_mb()})
         if self.save_checkpoints:
             self._timed("checkpoint", self._checkpoint, task)
             costs = self.results["task_costs"][-1]
             costs["checkpoint_s"] = spent["checkpoint"] - spent_before["checkpoint"]
+            costs["checkpoint_cpu_s"] = self._cpu_spent["checkpoint"] - cpu_before.get("checkpoint", 0.0)
             with contextlib.suppress(OSError):
                 costs["checkpoint_mb"] = (self.run_dir / "checkpoints" / "last.ckpt").stat().st_size / 2**20
         self._write()
