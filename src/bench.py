@@ -507,7 +507,7 @@ def run_other(args, argv) -> list[dict]:
             else:
                 from src.bench_scale import bench_scale
 
-                result = bench_scale(args.overrides, args.steps or 20, 1000, Path(tmp))
+                result = bench_scale(args.overrides, args.steps or 20, 500, Path(tmp))
         result.update(machine=machine(), date=time.strftime("%Y-%m-%d"), load=f"{load_before} → {_load()}",
                       command="python -m src.bench " + " ".join(sys.argv[1:] if argv is None else argv))
         host = "gpu-" + result["machine"]["gpu"].split()[-1] if result["machine"]["gpu"] else "cpu"
