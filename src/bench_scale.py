@@ -79,7 +79,7 @@ def summarize(run: dict, lengths) -> dict:
     first, last = points[str(reached[0])], points[str(reached[-1])]
     return {"at_task": points, "tasks_done": n, "growth_without_eval": last["without_eval_s"] / first["without_eval_s"],
             "growth_without_eval_cpu": last["without_eval_cpu_s"] / first["without_eval_cpu_s"],
-            "growth_eval": last["eval_s"] / first["eval_s"] if first["eval_s"] else None,
+            "growth_eval": last["eval_s"] / first["eval_s"] if min(first["eval_s"], last["eval_s"]) > 1e-3 else None,
             "wall_s": run["wall_s"], "peak_rss_mb": run["peak_rss_mb"]}
 
 
