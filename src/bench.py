@@ -17,6 +17,10 @@ DataModule, Lightning's Trainer with the default logger and callbacks). For each
 5. with `--main-job` (default for the MLP preset): the whole default main job in a subprocess, split into start-up,
    data loading, training, evaluation, Fisher and the rest, with its peak resident memory.
 
+Apart from the presets: `--sweep` (a 4-job sweep, sequential against joblib: src/bench_sweep.py), `--transforms`
+(the permuted/rotated task transform against the step: src/bench_transforms.py) and `--scale` (cost per task for
+5, 20 and 50 tasks: src/bench_scale.py).
+
 Timings alternate between the contenders round by round (the machine is shared: neighbouring measurements see the
 same load) and ratios are medians of per-round ratios. Results: `--out` (JSON, one file per preset and machine) and
 `experiments/benchmarks/RESULTS.md`, rebuilt from every JSON there.
@@ -472,10 +476,62 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def render_any(result: dict) -> str:
+    """A preset's section, or that of `--sweep`, `--transforms`, `--scale` (their own files render them)."""
+    kind = result.get("kind")
+    if kind is None:
+        return render(result)
+    import importlib
+
+    return importlib.import_module(f"src.bench_{kind}").render(result)
+
+
+def run_other(args, argv) -> list[dict]:
+    """`--sweep`, `--transforms`, `--scale`: each measured by its own file, written like a preset's result."""
+    from src.continual.results import write_json_atomic
+
+    results = []
+    load_before = _load()
+    for kind, wanted in (("transforms", args.transforms), ("sweep", args.sweep), ("scale", args.scale)):
+        if not wanted:
+            continue
+        with tempfile.TemporaryDirectory(prefix=f"bench-{kind}-") as tmp:
+            if kind == "sweep":
+                from src.bench_sweep import bench_sweep
+
+                result = bench_sweep(args.overrides, args.steps or 20, Path(tmp))
+            elif kind == "transforms":
+                from src.bench_transforms import bench_transforms
+
+                result = bench_transforms(args.overrides, args.rounds or 5, args.steps or 40, Path(tmp))
+            else:
+                from src.bench_scale import bench_scale
+
+                result = bench_scale(args.overrides, args.steps or 20, 500, Path(tmp))
+        result.update(machine=machine(), date=time.strftime("%Y-%m-%d"), load=f"{load_before} → {_load()}",
+                      command="python -m src.bench " + " ".join(sys.argv[1:] if argv is None else argv))
+        host = "gpu-" + result["machine"]["gpu"].split()[-1] if result["machine"]["gpu"] else "cpu"
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(args.out / f"{kind}-{host}-{result['machine']['cores']}cores.json", result)
+        print(render_any(result), flush=True)
+        results.append(result)
+        load_before = _load()
+    write_results_md(args.out, args.results_md)
+    return results
+
+
+def _load() -> str:
+    """The machine's load averages (1, 5, 15 min) when the measurement ended: the machine may be shared."""
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "?"
+
+
 def write_results_md(results_dir: Path, path: Path) -> None:
     from src.continual.results import write_text_atomic
 
-    sections = [render(json.loads(p.read_text())) for p in sorted(results_dir.glob("*.json"))]
+    sections = [render_any(json.loads(p.read_text())) for p in sorted(results_dir.glob("*.json"))]
     header = ("# Benchmarks\n\nWritten by `python -m src.bench` from the JSON files in `results/` (one per preset and "
               "machine); rerun it to refresh. Ratios are medians of per-round ratios measured in one process. What the "
               "numbers mean and where the time goes: [docs/speed.md](../../docs/speed.md). A GPU run writes its own "
@@ -495,6 +551,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--fisher-samples", type=int, help="samples the Fisher is timed on (scaled to the task; "
                         "default: the preset's, the whole task for the MLP)")
     parser.add_argument("--main-job", choices=["auto", "yes", "no"], default="auto")
+    parser.add_argument("--sweep", action="store_true", help="a 4-job sweep: sequential vs joblib (src/bench_sweep.py)")
+    parser.add_argument("--transforms", action="store_true", help="permuted/rotated transform vs the step "
+                        "(src/bench_transforms.py)")
+    parser.add_argument("--scale", action="store_true", help="cost per task for 5, 20, 50 tasks (src/bench_scale.py)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON results")
     parser.add_argument("--results-md", type=Path, default=RESULTS_DIR.parent / "RESULTS.md")
     parser.add_argument("overrides", nargs="*", help="overrides of `python -m src.train`, e.g. trainer=gpu")
@@ -502,6 +562,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import warnings
 
     warnings.filterwarnings("ignore")
+    if args.sweep or args.transforms or args.scale:
+        return run_other(args, argv)
     results = []
     for name in PRESETS if args.preset == "all" else [args.preset]:
         main_job = PRESETS[name]["main_job"] if args.main_job == "auto" else args.main_job == "yes"

@@ -608,7 +608,7 @@ def plot(groups: dict, out: Path, fit_axis: bool = False) -> None:
             curves = [r.results["avg_acc_per_step"] for r in groups[key]]
             length = min(len(c) for c in curves)
             longest = max(longest, length)
-            values = 100 * np.array([c[:length] for c in curves])
+            values = 100 * np.array([c[:length] for c in curves], dtype=float)  # null (not evaluated) → NaN: a gap
             steps = np.arange(1, length + 1) + dx
             mean = values.mean(axis=0)
             style = styles[_label(key)]
@@ -635,7 +635,7 @@ def plot(groups: dict, out: Path, fit_axis: bool = False) -> None:
             rows = [r.results["acc_matrix"][-1] for r in groups[key]]
             length = min(len(r) for r in rows)
             longest = max(longest, length)
-            values = 100 * np.array([r[:length] for r in rows])
+            values = 100 * np.array([r[:length] for r in rows], dtype=float)
             std = values.std(axis=0, ddof=1) if len(rows) > 1 else None
             x = np.arange(length) - 0.4 + bar * (i + 0.5)
             mean = values.mean(axis=0)

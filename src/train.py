@@ -32,6 +32,7 @@ from src.continual import requeue, resume
 from src.continual.preemption import stops_on_signal  # preempt: SIGTERM/SIGINT/SIGUSR1 -> checkpoint, exit 128+n
 from src.continual.results import SCHEMA_VERSION, write_json_atomic, write_text_atomic
 from src.continual.run_lock import RunFolderInUse, hold_run_lock  # preempt: one live run per run folder
+from src.continual.threads import set_threads
 from src.continual.validate import ConfigError, take_validated_backbone, validate_config
 from src.data.download import DatasetError
 from src.data.source import LoadingInBackground
@@ -189,6 +190,8 @@ def main(cfg: DictConfig) -> float | None:
     failures_to = output_dir  # a refused resume= or ckpt_path= leaves the run it names as it was
     try:
         validate_config(cfg)
+        threads = set_threads(cfg.get("threads", "auto"), OmegaConf.to_container(HydraConfig.get().launcher),
+                              HydraConfig.get().mode == RunMode.MULTIRUN)  # cores ÷ parallel jobs of a local sweep
         ckpt = checkpoint_to_resume(cfg)
         failures_to = run_dir
         previous = run_dir / "results.json"
@@ -203,6 +206,7 @@ def main(cfg: DictConfig) -> float | None:
         from src.continual.task_loop import ResumeError
 
         loop = build_task_loop(cfg, run_dir, validate=False, source=source, resume_from=ckpt)
+        loop.results["threads"] = threads
     except RunFolderInUse as err:  # the folder belongs to a live run: write nothing into it
         print(f"error: {err}", file=sys.stderr)
         return exit_job(2, f"error: {err}")

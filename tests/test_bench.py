@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from src.bench import main
 from tests.helpers import SYNTHETIC
 
@@ -27,3 +29,16 @@ def test_bench_measures_every_contender_and_writes_json_and_results_md(tmp_path)
     assert json.loads(written.read_text())["ratios"] == result["ratios"]
     text = md.read_text()
     assert "| framework finetune ÷ bare loop (throughput) |" in text and "python -m src.bench --preset mlp" in text
+
+
+@pytest.mark.slow  # five task loops on the synthetic source
+def test_bench_transforms_measures_cached_and_per_batch_steps(tmp_path):
+    """`--transforms` on the synthetic source: every contender timed, the cached ones from their cache, one section."""
+    out, md = tmp_path / "results", tmp_path / "RESULTS.md"
+    (result,) = main(["--transforms", "--rounds", "1", "--steps", "2", "--out", str(out), "--results-md", str(md),
+                      *SYNTHETIC])
+    assert set(result["step_s"]) == {"split", "permuted", "rotated", "permuted, per batch", "rotated, per batch"}
+    assert all(v > 0 and math.isfinite(v) for v in (*result["step_s"].values(), *result["ratios"].values()))
+    assert json.loads((out / "transforms-cpu-{}cores.json".format(result["machine"]["cores"])).read_text())["kind"] == \
+        "transforms"
+    assert "rotated step ÷ permuted step" in md.read_text()

@@ -59,3 +59,49 @@ def test_single_task_has_no_transfer_metrics():
 def test_non_square_matrix_is_rejected():
     with pytest.raises(ValueError, match="square"):
         metrics.average_accuracy([[0.1, 0.2]])
+
+
+# eval.tasks=seen_and_next: row i evaluated on tasks 0…i+1 only (None = not evaluated)
+R_SEEN_AND_NEXT = [
+    [0.90, 0.10, None, None],
+    [0.60, 0.80, 0.30, None],
+    [0.50, 0.70, 0.95, 0.40],
+    [0.45, 0.65, 0.90, 0.85],
+]
+B4 = [0.10, 0.20, 0.25, 0.30]
+
+
+def test_metrics_of_seen_and_next_by_hand():
+    R = R_SEEN_AND_NEXT
+    assert metrics.average_accuracy(R) == pytest.approx((0.45 + 0.65 + 0.90 + 0.85) / 4)
+    assert metrics.average_accuracy_per_step(R) == pytest.approx([0.90, 0.70, (0.50 + 0.70 + 0.95) / 3, 0.7125])
+    # BWT = mean(0.45-0.90, 0.65-0.80, 0.90-0.95); FWT = mean(0.10-0.20, 0.30-0.25, 0.40-0.30): every cell there
+    assert metrics.backward_transfer(R) == pytest.approx((-0.45 - 0.15 - 0.05) / 3)
+    assert metrics.forward_transfer(R, B4) == pytest.approx((-0.10 + 0.05 + 0.10) / 3)
+    # forgetting over the evaluated cells of rows 0..2: task 0 max .90 → .45; task 1 max(.10,.80,.70) → .15;
+    # task 2 max(.30,.95) (R[0][2] not evaluated) → .05
+    assert metrics.forgetting(R) == pytest.approx((0.45 + 0.15 + 0.05) / 3)
+    assert metrics.forgetting_is_exact(R) is False
+    assert metrics.summarize(R, B4)["forgetting_exact"] is False
+    assert metrics.summarize(R_FORGETS, B)["forgetting_exact"] is True
+
+
+def test_metrics_with_skipped_rows_are_none_where_not_exact():
+    # eval.every_n_tasks=2 over 4 tasks: rows 0 and 2 skipped, rows 1 and 3 on every task
+    R = [
+        [None, None, None, None],
+        [0.60, 0.80, 0.30, 0.20],
+        [None, None, None, None],
+        [0.45, 0.65, 0.90, 0.85],
+    ]
+    assert metrics.average_accuracy(R) == pytest.approx(0.7125)
+    assert metrics.average_accuracy_per_step(R) == [None, pytest.approx(0.70), None, pytest.approx(0.7125)]
+    assert metrics.backward_transfer(R) is None  # R[0][0], R[2][2] missing
+    assert metrics.forward_transfer(R, B4) is None  # R[0][1], R[2][3] missing
+    # forgetting from the rows there are: task 0 .60 → .45, task 1 .80 → .65, task 2 .30 → .90 (its best, R[2][2],
+    # was skipped: the approximation)
+    assert metrics.forgetting(R) == pytest.approx((0.15 + 0.15 - 0.60) / 3)
+    assert metrics.forgetting_is_exact(R) is False
+    # the last row incomplete: no final metric at all
+    R[3][1] = None
+    assert metrics.average_accuracy(R) is None and metrics.forgetting(R) is None

@@ -75,6 +75,10 @@ def test_joblib_launcher_two_parallel_jobs(tmp_path):
     proc = run_multirun(sweep_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1")
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     assert_jobs_in_own_folders(sweep_dir, [0, 1])
+    for job in (0, 1):  # threads: auto gives each job cores ÷ n_jobs threads, intra-op and inter-op
+        threads = read_results(sweep_dir / str(job))["threads"]
+        expected = max(1, threads["cores"] // 2)
+        assert (threads["parallel_jobs"], threads["intra_op"], threads["inter_op"]) == (2, expected, expected), threads
 
 
 def test_submitit_local_launcher_one_job(tmp_path):

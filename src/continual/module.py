@@ -165,7 +165,9 @@ class ContinualModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         # compute() sums correct/total over DDP ranks, each of which saw a disjoint shard of every task
-        self.last_eval = [float(metric.compute()) for metric in self.task_accuracy]
+        # one metric per evaluation loader, in order (the task loop maps them back to tasks: eval.tasks)
+        n = len(self.trainer.test_dataloaders) if self._trainer is not None else len(self.task_accuracy)
+        self.last_eval = [float(metric.compute()) for metric in self.task_accuracy[:n]]
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

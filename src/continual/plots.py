@@ -67,6 +67,8 @@ def plot_accuracy_matrix(R, path: Path, title: str = "") -> None:
     image = ax.imshow(R, vmin=0, vmax=100, cmap="viridis")
     for i in range(R.shape[0]):
         for j in range(T):
+            if np.isnan(R[i, j]):  # not evaluated (eval.every_n_tasks, eval.tasks)
+                continue
             ax.text(j, i, f"{R[i, j]:.0f}", ha="center", va="center", color="white" if R[i, j] < 60 else "black")
     ax.set_xlabel("evaluated on task j")
     ax.set_ylabel("after training task i")
@@ -81,7 +83,9 @@ def plot_average_accuracy(avg_per_step, path: Path, title: str = "") -> None:
     plt = pyplot()
     steps = np.arange(1, len(avg_per_step) + 1)
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(steps, np.asarray(avg_per_step) * 100, **line_style(0))
+    values = np.array([np.nan if v is None else v for v in avg_per_step], dtype=float) * 100
+    evaluated = ~np.isnan(values)  # rows not evaluated are left out; the line joins the evaluated ones
+    ax.plot(steps[evaluated], values[evaluated], **line_style(0))
     ax.set_xlabel("tasks trained")
     ax.set_ylabel("average accuracy on tasks so far (%)")
     ax.set_xticks(steps)
@@ -94,12 +98,13 @@ def plot_average_accuracy(avg_per_step, path: Path, title: str = "") -> None:
 def draw_task_accuracy(ax, R, std=None) -> None:
     """Accuracy on task j (one line each) after training tasks 1…T, from the point task j is learned; `std` (same
     shape as R) draws a ±1 std band. A small horizontal offset per task keeps lines that coincide apart."""
-    R = np.asarray(R, dtype=float) * 100
+    R = np.asarray(R, dtype=float) * 100  # None (not evaluated) → NaN
     n_rows, T = R.shape
     offsets = (np.arange(T) - (T - 1) / 2) * min(0.04, 0.3 / max(T, 1))
     for j in range(min(T, n_rows)):
         x = np.arange(j + 1, n_rows + 1) + offsets[j]
-        ax.plot(x, R[j:, j], label=f"task {j + 1}", **line_style(j))
+        evaluated = ~np.isnan(R[j:, j])  # join the evaluated rows
+        ax.plot(x[evaluated], R[j:, j][evaluated], label=f"task {j + 1}", **line_style(j))
         if std is not None:
             s = np.asarray(std, dtype=float)[j:, j] * 100
             ax.fill_between(x, R[j:, j] - s, R[j:, j] + s, color=line_style(j)["color"], alpha=0.15, linewidth=0)

@@ -49,10 +49,14 @@ def format_table(results: dict) -> str:
     width = 7
     header = "after \\ on " + "".join(f"{'T' + str(j + 1):>{width}}" for j in range(T)) + f"{'avg':>{width}}"
     lines = [header, "-" * len(header)]
-    lines.append(f"{'init':<11}" + "".join(f"{100 * a:>{width}.2f}" for a in results["random_init_acc"]))
+
+    def cell(a):  # a cell not evaluated (eval.every_n_tasks, eval.tasks) is null
+        return f"{'-':>{width}}" if a is None else f"{100 * a:>{width}.2f}"
+
+    lines.append(f"{'init':<11}" + "".join(cell(a) for a in results["random_init_acc"]))
     for i, row in enumerate(R):
         avg = results["avg_acc_per_step"][i] if i < len(results.get("avg_acc_per_step", [])) else None
-        cells = "".join(f"{100 * a:>{width}.2f}" for a in row)
+        cells = "".join(cell(a) for a in row)
         lines.append(f"{'T' + str(i + 1):<11}" + cells + (f"{100 * avg:>{width}.2f}" if avg is not None else ""))
 
     def pct(key):
@@ -66,6 +70,9 @@ def format_table(results: dict) -> str:
         f"avg_acc {pct('avg_acc')} | forgetting {pct('forgetting')} | bwt {pct('bwt')} | fwt {fwt}"
         f"   (percent; accuracy on task j after training task i)"
     )
+    if results.get("forgetting_exact") is False:
+        lines.append("NOTE: forgetting is taken over the evaluated cells only (eval.every_n_tasks / eval.tasks): "
+                     "see src/continual/metrics.py")
     n = eval_subsample(results)
     if n is not None:
         lines.append(f"NOTE: evaluated on at most {n} test (and validation) samples per task "

@@ -8,6 +8,7 @@ again, so a fresh optimizer per task is the natural result (the module can carry
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -55,6 +56,15 @@ def peak_memory_mb() -> dict:
     return peak
 
 
+def resident_memory_mb() -> float | None:
+    """This process's resident memory now (Linux's VmRSS; None elsewhere)."""
+    try:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith("VmRSS:"))
+        return int(line.split()[1]) / 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def process_age() -> float | None:
     """Seconds since this process started (Linux; None elsewhere): start-up includes the interpreter and imports.
     Both clocks count from boot in 10 ms ticks (/proc/stat's wall-clock boot time has only 1 s resolution)."""
@@ -84,6 +94,8 @@ class TaskLoop:
         self.epochs_per_task, self.steps_per_task = epochs_per_task, steps_per_task
         self.save_checkpoints = save_checkpoints
         self.keep_every_task = bool((config.get("checkpoint") or {}).get("keep_every_task", False))
+        evaluation = config.get("eval") or {}  # what to evaluate after each task (conf/train.yaml `eval`)
+        self.eval_every, self.eval_which = evaluation.get("every_n_tasks", 1), evaluation.get("tasks", "all")
         last = self.run_dir / "checkpoints" / "last.ckpt"
         if save_checkpoints and checkpoint_every_n_steps > 0:
             trainer.callbacks.append(StepCheckpoint(last, checkpoint_every_n_steps))
@@ -94,6 +106,7 @@ class TaskLoop:
         if requeue_signal(trainer) not in (None, *SIGNALS):  # a SLURM requeue_signal of the user's choice: ours too
             PREEMPTION.install((requeue_signal(trainer),))
         self.started = time.perf_counter()
+        self._cpu_spent: dict[str, float] = {}
         self.results = {
             "schema_version": SCHEMA_VERSION,
             "status": "running",
@@ -111,12 +124,16 @@ class TaskLoop:
             "avg_acc": None,
             "avg_acc_per_step": [],
             "forgetting": None,
+            "forgetting_exact": None,  # false: some cells forgetting takes its maximum over were not evaluated
             "bwt": None,
             "fwt": None,
             "val_avg_acc": None,
             "method_summary": {},
             "steps_per_task": [],
             "task_times_s": [],
+            # per task: seconds in train / task_end / eval / checkpoint (wall, and this process's CPU: `*_cpu_s`),
+            # resident memory at its end, checkpoint size
+            "task_costs": [],
             # startup: process start → this loop (imports, config, data, model); first_step: process start → first
             # training step; data: loading the dataset (part of startup); the rest are sums over the run
             "timing_s": {"startup": process_age(), "first_step": None, "data": None,
@@ -127,26 +144,53 @@ class TaskLoop:
         }
 
     # ---- one evaluation: accuracy on every task ------------------------------------------------------------------
-    def evaluate(self, split: str = "test") -> list[float]:
-        self.dm.eval_split = split
+    def evaluate(self, split: str = "test", tasks: list[int] | None = None) -> list[float | None]:
+        """Accuracy on every task, or on `tasks` only (the others None)."""
         # what an evaluation cut short would leave changed: the global RNG (each DataLoader iterator draws from it)
         # and the modules' train/eval modes (Lightning restores them at the evaluation's end)
         rng, modes = capture_rng(), [(m, m.training) for m in self.module.modules()]
         while True:
+            self.dm.eval_split, self.dm.eval_tasks = split, tasks
             try:
                 self.trainer.test(self.module, datamodule=self.dm, verbose=False)
-                return list(self.module.last_eval)
+                break
             except BaseException as err:  # Lightning cut the evaluation short on SIGTERM: the run stops after
                 if not interrupted_by_lightning(err):  # this task's end (preemption.py), so evaluate in full,
                     raise                              # as if uninterrupted
                 restore_rng(rng)
                 for module, training in modes:
                     module.train(training)
+            finally:
+                self.dm.eval_tasks = None
+        if tasks is None:
+            return list(self.module.last_eval)
+        row = [None] * self.dm.n_tasks
+        for j, acc in zip(tasks, self.module.last_eval, strict=True):
+            row[j] = acc
+        return row
+
+    def tasks_to_evaluate(self, task: int) -> list[int]:
+        """After training `task`: every task, [] for none (eval.every_n_tasks: a row of nulls; the last task is always
+        evaluated), or with eval.tasks=seen_and_next tasks 0…task+1."""
+        last = task == self.dm.n_tasks - 1
+        if not last and (task + 1) % self.eval_every:
+            return []
+        if self.eval_which == "seen_and_next" and not last:
+            return list(range(task + 2))
+        return list(range(self.dm.n_tasks))
+
+    def _evaluate_row(self, split: str, task: int) -> list[float | None]:
+        tasks = self.tasks_to_evaluate(task)
+        if not tasks:
+            return [None] * self.dm.n_tasks
+        return self.evaluate(split, None if len(tasks) == self.dm.n_tasks else tasks)
 
     def _timed(self, key, fn, *args):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         out = fn(*args)
         self.results["timing_s"][key] += time.perf_counter() - start
+        # CPU seconds too: on a shared machine wall time follows the neighbours' load, CPU time the work done
+        self._cpu_spent[key] = self._cpu_spent.get(key, 0.0) + time.process_time() - cpu
         return out
 
     # ---- the sequence --------------------------------------------------------------------------------------------
@@ -207,6 +251,7 @@ class TaskLoop:
         """Train, end and evaluate one task; `resume` holds the loop state of a checkpoint taken inside it."""
         regularizer, n_tasks = self.module.regularizer, self.dm.n_tasks
         task_start = time.perf_counter()
+        spent_before, cpu_before = dict(self.results["timing_s"]), dict(self._cpu_spent)
         self.dm.set_task(task, include_past=regularizer.trains_on_past_tasks)
         self.module.current_task = task
         self._info("task %d/%d: classes %s, training on task(s) %s%s", task + 1, n_tasks,
@@ -237,19 +282,30 @@ class TaskLoop:
         self.results["method_summary"] = regularizer.summary()
 
         self.module.trained_up_to = task
-        row = self._timed("eval", self.evaluate, "test")
+        row = self._timed("eval", self._evaluate_row, "test", task)
         self.results["acc_matrix"].append(row)
         if self.results["val_acc_matrix"] is not None:
-            self.results["val_acc_matrix"].append(self._timed("eval", self.evaluate, "val"))
+            self.results["val_acc_matrix"].append(self._timed("eval", self._evaluate_row, "val", task))
         self.results["task_times_s"].append(time.perf_counter() - task_start)
         self._update_metrics()
         self._log_row(task, row)
+        spent = self.results["timing_s"]
+        costs = {f"{k}_s": spent[k] - spent_before[k] for k in ("train", "task_end", "eval")}
+        costs.update({f"{k}_cpu_s": self._cpu_spent.get(k, 0.0) - cpu_before.get(k, 0.0)
+                      for k in ("train", "task_end", "eval")})
+        self.results["task_costs"].append({**costs, "rss_mb": resident_memory_mb()})
         if self.save_checkpoints:
             self._timed("checkpoint", self._checkpoint, task)
+            costs = self.results["task_costs"][-1]
+            costs["checkpoint_s"] = spent["checkpoint"] - spent_before["checkpoint"]
+            costs["checkpoint_cpu_s"] = self._cpu_spent["checkpoint"] - cpu_before.get("checkpoint", 0.0)
+            with contextlib.suppress(OSError):
+                costs["checkpoint_mb"] = (self.run_dir / "checkpoints" / "last.ckpt").stat().st_size / 2**20
         self._write()
-        self._info("task %d/%d done: %d steps in %.1f s, average accuracy on tasks so far %.2f%%",
+        avg = self.results["avg_acc_per_step"][-1]
+        self._info("task %d/%d done: %d steps in %.1f s, average accuracy on tasks so far %s",
                    task + 1, n_tasks, self.results["steps_per_task"][-1], self.results["task_times_s"][-1],
-                   100 * self.results["avg_acc_per_step"][-1])
+                   "not evaluated" if avg is None else f"{100 * avg:.2f}%")
 
     def _stop_if_signalled(self) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -265,7 +321,7 @@ class TaskLoop:
         if "phase" not in state:
             raise ResumeError(f"{path}: not a checkpoint of a task sequence run")
         saved = state["results"]
-        self.results.update({k: v for k, v in saved.items() if k in self.results and k != "config"})
+        self.results.update({k: v for k, v in saved.items() if k in self.results and k not in ("config", "threads")})
         self.results["status"], self.results["error"], self.results["requeue"] = "running", None, None
         self.started = time.perf_counter() - (saved.get("wall_time_s") or 0.0)
         self.module.on_load_checkpoint(checkpoint)
@@ -308,8 +364,9 @@ class TaskLoop:
                 self.results["val_avg_acc"] = metrics.average_accuracy(self.results["val_acc_matrix"])
 
     def _log_row(self, task: int, row: list[float]) -> None:
-        values = {f"eval/acc_task_{j}": acc for j, acc in enumerate(row)}
-        values["eval/avg_acc_seen"] = self.results["avg_acc_per_step"][-1]
+        values = {f"eval/acc_task_{j}": acc for j, acc in enumerate(row) if acc is not None}
+        if self.results["avg_acc_per_step"][-1] is not None:
+            values["eval/avg_acc_seen"] = self.results["avg_acc_per_step"][-1]
         values["eval/tasks_trained"] = task + 1
         for logger in self.trainer.loggers:
             if wandb_report.is_wandb(logger):  # against the task index, with forgetting, BWT, FWT, time so far

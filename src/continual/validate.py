@@ -316,6 +316,9 @@ def _targets_below(node, path: str):
 def validate_config(cfg: DictConfig) -> None:
     trainer, data = cfg.trainer, cfg.dataset
     check_seed(cfg)
+    from src.continual.threads import check_threads
+
+    check_threads(cfg.get("threads", "auto"))
     steps = trainer.get("max_steps", -1)
     epochs = trainer.get("max_epochs", 1)
     _check(isinstance(steps, int) and (steps == -1 or steps >= 1), "trainer.max_steps", steps,
@@ -339,6 +342,12 @@ def validate_config(cfg: DictConfig) -> None:
                f"1 when steps_per_batch > 1 (it is {k})")
     every = cfg.get("checkpoint", {}).get("every_n_steps", 0)
     _check(isinstance(every, int) and every >= 0, "checkpoint.every_n_steps", every, "an integer >= 0 (0: off)")
+    evaluation = cfg.get("eval") or {}
+    every = evaluation.get("every_n_tasks", 1)
+    _check(isinstance(every, int) and not isinstance(every, bool) and every >= 1, "eval.every_n_tasks", every,
+           "an integer >= 1 (evaluate after every N-th task and after the last)")
+    which = evaluation.get("tasks", "all")
+    _check(which in ("all", "seen_and_next"), "eval.tasks", which, "one of all, seen_and_next")
     keep = cfg.get("checkpoint", {}).get("keep_every_task", False)
     _check(isinstance(keep, bool), "checkpoint.keep_every_task", keep, "true or false")
     requeue = cfg.get("auto_requeue", True)

@@ -97,8 +97,9 @@ def task_end_values(results: dict) -> dict[str, float]:
     values["eval/task_time_s"] = results["task_times_s"][-1]
     if results.get("val_acc_matrix"):
         seen = results["val_acc_matrix"][-1][: len(results["acc_matrix"])]
-        values["eval/val_avg_acc_seen"] = sum(seen) / len(seen)
-    return values
+        if None not in seen:
+            values["eval/val_avg_acc_seen"] = sum(seen) / len(seen)
+    return {k: v for k, v in values.items() if v is not None}  # cells not evaluated (eval.every_n_tasks, eval.tasks)
 
 
 def _task_axis_keys(n_tasks: int) -> list[str]:

@@ -41,10 +41,18 @@ class TaskSequenceDataModule(L.LightningDataModule):
         augment=None,
         eval_max_samples: int | None = None,
         task_pass_max_samples: int | None = None,
+        cache_task_transform: bool = True,
     ):
         super().__init__()
         if data_on_device not in (True, False, "auto"):
             raise ValueError(f"dataset.data_on_device={data_on_device!r} is invalid: one of auto, true, false")
+        if not isinstance(cache_task_transform, bool):
+            from src.continual.validate import ConfigError
+
+            raise ConfigError(f"dataset.cache_task_transform={cache_task_transform!r} is invalid: true or false")
+        # permuted/rotated tasks: transform the training task's images once when it starts, not every batch
+        self.cache_task_transform = cache_task_transform
+        self._transform_cache = None  # ((task, device), slot, images): see _task_cache
         self.source, self.tasks = source, tasks
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.val_fraction, self.seed, self.data_on_device = val_fraction, seed, data_on_device
@@ -65,6 +73,7 @@ class TaskSequenceDataModule(L.LightningDataModule):
         # `steps_per_batch` by build_task_loop); after the transfer they are lists of the steps' batches
         self.steps_per_batch = 1
         self.eval_split = "test"  # what `test_dataloader` serves: "test", or "val" (carved from train)
+        self.eval_tasks: list[int] | None = None  # the tasks `test_dataloader` serves, in order (None: all)
         self._norm_cache: dict = {}
         # DDP (src/data/global_batch.py): `batch_size` is the global batch. The loss weights of the training steps
         # prepared but not yet back-propagated (taken by GlobalBatchLossWeights)
@@ -185,6 +194,7 @@ class TaskSequenceDataModule(L.LightningDataModule):
             if self.steps_per_batch > 1:
                 loader.steps_per_batch = self.steps_per_batch
                 loader.budget_source = lambda: _steps_left(trainer)
+        loader.record_rows = self._caches_transform()
         self._train_loader = loader
         self._loss_weights.clear()
         return loader
@@ -193,11 +203,12 @@ class TaskSequenceDataModule(L.LightningDataModule):
         return self.eval_dataloaders(self.eval_split)
 
     def eval_dataloaders(self, split: str = "test") -> list[TensorBatchLoader]:
-        """One loader per task (seen or not), in task order; `split` is "test" or "val".
+        """One loader per task (seen or not; `eval_tasks`: those only), in task order; `split` is "test" or "val".
 
         With `eval_max_samples` = N, each task's N samples at evenly spaced positions of its split (a task's samples
         are stored class by class, so its first N would be one class): the same samples at every evaluation."""
-        loaders = [self._loader(split, [t], self.eval_batch_size, shuffle=False) for t in range(self.n_tasks)]
+        tasks = range(self.n_tasks) if self.eval_tasks is None else self.eval_tasks
+        loaders = [self._loader(split, [t], self.eval_batch_size, shuffle=False) for t in tasks]
         for loader in loaders:
             n = len(loader.index)
             if self.eval_max_samples is not None and n > self.eval_max_samples:
@@ -244,11 +255,61 @@ class TaskSequenceDataModule(L.LightningDataModule):
         # the loss weights of the steps of this batch, in the order they are back-propagated (1 for equal parts)
         self._loss_weights = deque(layout.loss_weight for layout in layouts)
         step = self.trainer.global_step
+        rows = self._rows_of(batch)
         if self.steps_per_batch > 1:
             sizes = [layout.rows for layout in layouts]
-            return [self._prepare(part, step + i, layout) for i, (part, layout) in
-                    enumerate(zip(zip(*(b.split(sizes) for b in batch), strict=True), layouts, strict=True))]
-        return self._prepare(batch, step, layouts[0])
+            parts = rows.split(sizes) if rows is not None else [None] * len(sizes)
+            return [self._prepare(part, step + i, layout, rows=part_rows) for i, (part, layout, part_rows) in
+                    enumerate(zip(zip(*(b.split(sizes) for b in batch), strict=True), layouts, parts, strict=True))]
+        return self._prepare(batch, step, layouts[0], rows=rows)
+
+    def _rows_of(self, batch) -> torch.Tensor | None:
+        """The source rows of a training batch when the loader records them (the task's transform is cached)."""
+        loader = self._train_loader
+        if loader is not None and loader.record_rows and loader.rows:
+            return loader.rows.popleft()
+        return None
+
+    # ---- the training task's transformed images, once per task ----------------------------------------------------
+    def _caches_transform(self) -> bool:
+        """Cache when the task transforms its inputs (permuted, rotated), batches hold one task, nothing random
+        comes before the transform (augmentation draws differ every step), and the task trains on at least as many
+        images as it has (a task of a few steps, e.g. `trainer.max_steps=20`, transforms fewer per batch)."""
+        if not (self.cache_task_transform and self.augment is None and len(self.train_tasks) == 1
+                and getattr(self.tasks, "transforms_inputs", False)):
+            return False
+        steps = _steps_left(self.trainer) if self.trainer is not None else None
+        return steps is None or steps * self.batch_size >= len(self.task_list[self.current_task].train_index)
+
+    def _task_cache(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slot, images): the training task's images normalised and transformed once, as float on `device`, and for
+        every row of the source's training images its position there (-1: not in the task).
+
+        A rotation per batch (affine_grid + grid_sample) cost more than the MLP's step (issue 15). Each image's
+        result does not depend on the batch it is in (per-sample normalisation, gather, grid and fill), so batches
+        cut from the cache are bit-identical to batches transformed one by one (tests/test_transform_cache.py).
+        Memory: one task's training images as float (Fashion-MNIST: 54,000 × 784 × 4 B = 169 MB), built at the
+        task's first batch, freed when the next task's is built; evaluation, the methods' passes (Fisher) and
+        replayed samples of earlier tasks are transformed per batch as before."""
+        key = (self.current_task, str(device))
+        if self._transform_cache is not None and self._transform_cache[0] == key:
+            return self._transform_cache[1], self._transform_cache[2]
+        self._transform_cache = None  # the previous task's is freed before this one's is built
+        images = self.data.train_x
+        index = self.task_list[self.current_task].train_index.to(images.device)
+        slot = torch.full((len(images),), -1, dtype=torch.long, device=images.device)
+        slot[index] = torch.arange(len(index), device=images.device)
+        cache = None
+        for start in range(0, len(index), self.eval_batch_size):
+            rows = index[start : start + self.eval_batch_size]
+            x = images.index_select(0, rows).to(device)
+            task_ids = torch.full((len(rows),), self.current_task, dtype=torch.long, device=device)
+            out = self._prepare((x, None, task_ids), None)[0]
+            if cache is None:
+                cache = torch.empty((len(index), *out.shape[1:]), dtype=out.dtype, device=device)
+            cache[start : start + len(rows)] = out
+        self._transform_cache = (key, slot, cache)
+        return slot, cache
 
     def _layouts_of(self, batch) -> list[StepLayout]:
         """The layouts of the steps of a training batch, as the loader yielded them (it is one item ahead of us);
@@ -272,9 +333,14 @@ class TaskSequenceDataModule(L.LightningDataModule):
         current batch is augmented as without replay), normalisation and each sample's own task transform."""
         return self._prepare(batch, global_step, layout, stream=1)
 
-    def _prepare(self, batch, global_step: int | None, layout: StepLayout | None = None, stream: int = 0):
+    def _prepare(self, batch, global_step: int | None, layout: StepLayout | None = None, stream: int = 0,
+                 rows: torch.Tensor | None = None):
         raw = batch
         x, y, task_ids = batch
+        if rows is not None:  # the current task's images, transformed once when it started (_task_cache)
+            slot, cache = self._task_cache(x.device)
+            position = slot[rows].to(cache.device)
+            return TrainingBatch((cache.index_select(0, position), y, task_ids), raw, global_step)
         if self.augment is not None and global_step is not None:
             # the draws of a training step depend only on (seed, task, step in the task), as the batch order does;
             # under DDP they are the draws of the whole global batch, of which this rank applies its rows'

@@ -52,6 +52,10 @@ class TensorBatchLoader:
         # Training: the layout (global batch size, this rank's rows) of each step of every item yielded and not yet
         # prepared, oldest first; the DataModule takes them in order (Lightning fetches one item ahead).
         self.layouts: deque[list[StepLayout]] = deque()
+        # Training: the source rows of every item yielded and not yet prepared, oldest first, when asked for (the
+        # DataModule then takes its task's transformed images from its cache instead of transforming the batch)
+        self.record_rows = False
+        self.rows: deque[torch.Tensor] = deque()
 
     def _shard_size(self) -> int:
         n = len(self.index)
@@ -95,6 +99,7 @@ class TensorBatchLoader:
                 yield self.images.index_select(0, index[start:stop]), labels[start:stop], task_ids[start:stop]
             return
         self.layouts.clear()
+        self.rows.clear()
         layouts = step_layouts(n, self.batch_size, self.rank, self.world_size)
         if self.steps_per_batch > 1:
             yield from self._superbatches(index, labels, task_ids, skip, layouts)
@@ -104,6 +109,8 @@ class TensorBatchLoader:
             start = step * bs
             stop = start + layouts[step].rows
             self.layouts.append([layouts[step]])
+            if self.record_rows:
+                self.rows.append(index[start:stop])
             yield self.images.index_select(0, index[start:stop]), labels[start:stop], task_ids[start:stop]
 
     def _superbatches(self, index, labels, task_ids, skip: int, layouts: list[StepLayout]):
@@ -117,5 +124,7 @@ class TensorBatchLoader:
                 budget -= end - step
             start, stop = step * bs, min(end * bs, n)
             self.layouts.append(layouts[step:end])
+            if self.record_rows:
+                self.rows.append(index[start:stop])
             yield self.images.index_select(0, index[start:stop]), labels[start:stop], task_ids[start:stop]
             step = end

@@ -61,6 +61,8 @@ class ClassSplit:
     natural order 0,1,2,… is used, so task 0 holds classes (0, 1), task 1 (2, 3), and so on.
     """
 
+    transforms_inputs = False  # the images as they are
+
     def __init__(
         self,
         n_tasks: int,
@@ -132,6 +134,7 @@ class SameClassesEveryTask:
     """
 
     kind = ""
+    transforms_inputs = True  # `batch_transform` changes the images (the DataModule may cache a task's result)
 
     def __init__(self, n_tasks: int, seed: int | None = None):
         if n_tasks < 1:
