@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from src.continual.validate import ConfigError, validate_config
 
 # What may differ between a run and its continuation: where things are written, how it is logged and checkpointed.
-MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "paths", "logger", "callbacks", "checkpoint", "save_checkpoints",
+MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "paths", "logger", "callbacks", "checkpoint", "save_checkpoints", "plots",
                         "trainer.default_root_dir", "dataset.source.root")
 # Keys added after runs may have been started, with the value that reproduces those runs: a run folder whose
 # config.yaml lacks one was made with that value (so it can still be resumed).

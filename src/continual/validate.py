@@ -341,6 +341,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check(isinstance(every, int) and every >= 0, "checkpoint.every_n_steps", every, "an integer >= 0 (0: off)")
     keep = cfg.get("checkpoint", {}).get("keep_every_task", False)
     _check(isinstance(keep, bool), "checkpoint.keep_every_task", keep, "true or false")
+    plots = cfg.get("plots", False)
+    _check(isinstance(plots, bool), "plots", plots, "true or false")
 
     scenario = cfg.scenario
     if "train_classes" in scenario:
