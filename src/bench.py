@@ -3,6 +3,7 @@
     python -m src.bench                      # MLP on Split Fashion-MNIST, and the default main job's wall time
     python -m src.bench --preset resnet      # reduced ResNet-18 on Split CIFAR-100 (generated data of the real size)
     python -m src.bench --preset mlp trainer=gpu dataset.data_on_device=true   # any override of `src.train`
+    python -m src.bench --startup --baseline /work/main   # imports, first step and end of a job (src/bench_startup.py)
 
 Every framework number goes through `src.train`'s own code path (`build_task_loop`: the composed config, the
 DataModule, Lightning's Trainer with the default logger and callbacks). For each preset it measures:
@@ -47,6 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from src.bench_startup import RUN_IMPORTS, bench_startup, render_startup
 from src.config import ROOT, compose_config
 from src.continual.task_loop import peak_memory_mb
 
@@ -255,8 +257,7 @@ def bench_main_job(overrides: list[str], tmp: Path) -> dict:
     """`python -m src.train` as a user runs it, split by the run's own clocks (results.json `timing_s`)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import src.train, src.continual.task_loop"], cwd=ROOT, check=True,
-                   env=env)
+    subprocess.run([sys.executable, "-c", RUN_IMPORTS], cwd=ROOT, check=True, env=env)
     imports = time.perf_counter() - start
     run_dir = tmp / "main_job"
     start = time.perf_counter()
@@ -270,7 +271,7 @@ def bench_main_job(overrides: list[str], tmp: Path) -> dict:
     parts = {"startup (before the task loop)": timing["startup"], "train": timing["train"], "fisher (task end)": timing["task_end"],
              "evaluation": timing["eval"], "checkpoints": timing["checkpoint"]}
     parts["other (logging, plots, results, exit)"] = wall - sum(parts.values())
-    return {
+    return {"end_after_results_s": wall - timing["results_written"],
         "command": "python -m src.train " + " ".join(overrides), "wall_s": wall, "parts_s": parts,
         "startup_detail_s": {"python + imports (measured apart)": imports,
                              "data loading left after the imports": timing["data"]},
@@ -438,6 +439,8 @@ def verdicts(result: dict) -> list[tuple[str, float, str, bool]]:
 
 
 def render(result: dict) -> str:
+    if result["preset"] == "startup":
+        return render_startup(result)
     m = result["machine"]
     lines = [f"### {result['title']}", "",
              f"{m['cpu']} · {m['cores']} cores ({m['torch_threads']} torch threads)"
@@ -469,7 +472,9 @@ def render(result: dict) -> str:
         parts = ", ".join(f"{k} {v:.2f}" for k, v in job["parts_s"].items())
         detail = ", ".join(f"{k} {v:.2f}" for k, v in job["startup_detail_s"].items())
         lines.append(f"Main job `{job['command'].strip()}`: {job['wall_s']:.2f} s wall for {job['steps']} steps "
-                     f"— {parts} (start-up includes {detail}); peak RSS {job['peak_rss_mb']:.0f} MB.")
+                     f"— {parts} (start-up includes {detail}); peak RSS {job['peak_rss_mb']:.0f} MB"
+                     + (f"; the process ended {job['end_after_results_s']:.2f} s after its final results.json."
+                        if "end_after_results_s" in job else "."))
     gpu = result.get("gpu_peak_memory_mb")
     lines.append(f"Peak RSS of the benchmark process: {result['peak_rss_mb_bench_process']:.0f} MB"
                  + (f"; GPU memory allocated at peak: {gpu:.0f} MB." if gpu else "."))
@@ -555,6 +560,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--transforms", action="store_true", help="permuted/rotated transform vs the step "
                         "(src/bench_transforms.py)")
     parser.add_argument("--scale", action="store_true", help="cost per task for 5, 20, 50 tasks (src/bench_scale.py)")
+    parser.add_argument("--startup", action="store_true", help="only the fixed costs of a job: imports, first step, "
+                        "end (src/bench_startup.py)")
+    parser.add_argument("--baseline", type=Path, help="with --startup: another checkout whose main job alternates "
+                        "with this one's (before/after under the same load)")
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the JSON results")
     parser.add_argument("--results-md", type=Path, default=RESULTS_DIR.parent / "RESULTS.md")
     parser.add_argument("overrides", nargs="*", help="overrides of `python -m src.train`, e.g. trainer=gpu")
@@ -565,17 +574,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.sweep or args.transforms or args.scale:
         return run_other(args, argv)
     results = []
-    for name in PRESETS if args.preset == "all" else [args.preset]:
-        main_job = PRESETS[name]["main_job"] if args.main_job == "auto" else args.main_job == "yes"
-        preset = PRESETS[name]
+    for name in ["startup"] if args.startup else PRESETS if args.preset == "all" else [args.preset]:
+        preset = PRESETS.get(name, {})
+        main_job = preset.get("main_job") if args.main_job == "auto" else args.main_job == "yes"
 
         def option(key, preset=preset):
             value = getattr(args, key)
             return preset[key] if value is None else value
 
         with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-            result = bench_preset(name, args.overrides, option("rounds"), option("steps"), main_job,
-                                  option("reference_samples"), option("fisher_samples"), Path(tmp))
+            if name == "startup":  # the main job's own overrides only (no preset)
+                result = bench_startup(args.overrides, args.rounds or 3, args.baseline, Path(tmp))
+            else:
+                result = bench_preset(name, args.overrides, option("rounds"), option("steps"), main_job,
+                                      option("reference_samples"), option("fisher_samples"), Path(tmp))
         result["machine"] = machine()
         result["date"] = time.strftime("%Y-%m-%d")
         result["command"] = "python -m src.bench " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from src.continual import requeue, resume
+from src.continual.lightning_import import import_lightning
 from src.continual.preemption import stops_on_signal  # preempt: SIGTERM/SIGINT/SIGUSR1 -> checkpoint, exit 128+n
 from src.continual.results import SCHEMA_VERSION, write_json_atomic, write_text_atomic
 from src.continual.run_lock import RunFolderInUse, hold_run_lock  # preempt: one live run per run folder
@@ -150,7 +151,7 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
         trainer, module, datamodule, run_dir,
         epochs_per_task=cfg.trainer.max_epochs, steps_per_task=cfg.trainer.max_steps,
         config=OmegaConf.to_container(cfg, resolve=True), save_checkpoints=cfg.save_checkpoints,
-        checkpoint_every_n_steps=cfg.checkpoint.every_n_steps,
+        checkpoint_every_n_steps=cfg.checkpoint.every_n_steps, plots=cfg.get("plots", False),
     )
     loop.results["timing_s"]["data"] = loading
     return loop
@@ -202,7 +203,8 @@ def main(cfg: DictConfig) -> float | None:
                 return results["val_avg_acc"] if results.get("val_avg_acc") is not None else results["avg_acc"]
         hold_run_lock(run_dir)  # preempt: a second live run into this folder is refused (exit 2)
         source = LoadingInBackground(instantiate(cfg.dataset.source))
-        from src.continual.module import NonFiniteLossError  # Lightning: imported while the dataset loads
+        import_lightning()  # while the dataset loads; without what torchmetrics would import for nothing
+        from src.continual.module import NonFiniteLossError
         from src.continual.task_loop import ResumeError
 
         loop = build_task_loop(cfg, run_dir, validate=False, source=source, resume_from=ckpt)
@@ -224,7 +226,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from src.continual.fast_exit import exit_now
     from src.continual.overrides import explain_composition_errors
 
     explain_composition_errors(main)  # a misspelled key or option: one line naming the key meant, exit 2
     main()
+    exit_now(0)  # succeeded, everything written and closed: skip the interpreter's teardown (src/continual/fast_exit.py)

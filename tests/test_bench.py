@@ -42,3 +42,17 @@ def test_bench_transforms_measures_cached_and_per_batch_steps(tmp_path):
     assert json.loads((out / "transforms-cpu-{}cores.json".format(result["machine"]["cores"])).read_text())["kind"] == \
         "transforms"
     assert "rotated step ÷ permuted step" in md.read_text()
+
+
+@pytest.mark.slow
+def test_bench_startup_measures_imports_against_the_budget_and_the_end_of_a_job(tmp_path):
+    out, md = tmp_path / "results", tmp_path / "RESULTS.md"
+    [result] = main(["--startup", "--rounds", "1", "--out", str(out), "--results-md", str(md), *SYNTHETIC,
+                     "method=finetune", "callbacks=none", "logger=none", "trainer.max_steps=2",
+                     "dataset.tasks.n_tasks=2"])
+    pieces = result["imports"]["pieces"]
+    assert pieces["torch"]["own_cpu_s"] > 0 and set(result["imports"]["budget"]) <= set(pieces)
+    run = result["jobs"]["medians"]["this checkout"]
+    assert 0 < run["first_step_s"] < run["results_written_s"] < run["wall_s"] and run["end_after_results_s"] > 0
+    assert result["jobs"]["baseline"] is None and result["load_average"]["before"]
+    assert "| everything a run imports before its first step |" in md.read_text()

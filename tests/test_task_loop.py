@@ -74,7 +74,7 @@ def test_optimizer_reset_at_task_boundaries_is_a_choice(tmp_path, reset):
 
 
 def test_results_file_schema_and_checkpoints(tmp_path):
-    loop = build_loop(tmp_path, *SYNTHETIC, "trainer.max_steps=3", "checkpoint.keep_every_task=true")
+    loop = build_loop(tmp_path, *SYNTHETIC, "trainer.max_steps=3", "checkpoint.keep_every_task=true", "plots=true")
     loop.run()
     run_dir = loop.run_dir
     results = json.loads((run_dir / "results.json").read_text())

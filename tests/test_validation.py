@@ -56,6 +56,7 @@ BAD = [
     (["dataset.val_fraction=1.0"], "dataset.val_fraction=1.0"),
     (["checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps=-1"),
     (["steps_per_batch=0"], "steps_per_batch=0"),
+    (["plots=maybe"], "plots='maybe' is invalid: true or false"),
     (["steps_per_batch=2.5"], "steps_per_batch=2.5"),
     (["steps_per_batch=4", "trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0"),
     (["steps_per_batch=4", "+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2"),

@@ -1,15 +1,23 @@
 """Plots of one run: the accuracy matrix as a heatmap, average accuracy after each task, and each task's accuracy
 as the sequence goes on. Tasks are numbered 1…T here, in the printed table and in `src.report`.
 
-A run writes PNG only (three figures in PDF and SVG too would add about a second to every run, tests included);
-`python -m src.report <run folder>` draws them, and any comparison, as PNG, PDF and SVG for a paper. matplotlib is
-imported inside the functions: importing it costs about a second, which `python -m src.train` would otherwise pay
-before its first step.
+They are PNG only (three figures in PDF and SVG too would cost about a second more); `python -m src.report <run
+folder>` draws PNG, PDF and SVG figures for a paper. matplotlib is imported inside the functions, never by a run
+that draws nothing.
+
+Importing matplotlib and drawing the three figures take ≈ 0.7 s, more than everything else after the last
+evaluation together, so a run draws them only when asked (`plots=true`) or when a W&B logger will upload them;
+otherwise its results.json holds everything they show, and `python -m src.continual.plots <run folder>` draws them
+later (a sweep's are drawn by `python -m src.report`). A run's outputs are then complete when its process ends:
+drawing them in a detached process instead would leave files appearing after the end (a race for scripts that
+copy the folder) and lose them under SLURM, which ends every process of a job with the job.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -133,3 +141,21 @@ def plot_run(results: dict, run_dir: Path) -> None:
     plot_accuracy_matrix(results["acc_matrix"], run_dir / "acc_matrix.png", title)
     plot_average_accuracy(results["avg_acc_per_step"], run_dir / "avg_acc.png", title)
     plot_task_accuracy(results["acc_matrix"], run_dir / "task_acc.png", title)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m src.continual.plots <run folder>`: the plots of a run from its results.json."""
+    if len(argv) != 1:
+        print("usage: python -m src.continual.plots <run folder>", file=sys.stderr)
+        return 2
+    run_dir = Path(argv[0])
+    try:
+        plot_run(json.loads((run_dir / "results.json").read_text()), run_dir)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: {run_dir} is not a run folder with a readable results.json ({err})", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

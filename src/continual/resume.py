@@ -26,8 +26,8 @@ from src.continual.validate import ConfigError, validate_config
 
 # What may differ between a run and its continuation: where things are written, how it is logged and checkpointed.
 MAY_DIFFER_ON_RESUME = ("resume", "ckpt_path", "auto_requeue", "paths", "logger", "callbacks", "checkpoint",
-                        "save_checkpoints", "threads", "dataset.cache_task_transform", "trainer.default_root_dir",
-                        "dataset.source.root")
+                        "save_checkpoints", "plots", "threads", "dataset.cache_task_transform",
+                        "trainer.default_root_dir", "dataset.source.root")
 # Keys added after runs may have been started, with the value that reproduces those runs: a run folder whose
 # config.yaml lacks one was made with that value (so it can still be resumed).
 ADDED_KEYS = {"steps_per_batch": 1, "eval.every_n_tasks": 1, "eval.tasks": "all"}

@@ -29,7 +29,6 @@ from src.continual.checkpointing import (
     save_atomic,
 )
 from src.continual.module import ContinualModule
-from src.continual.plots import plot_run
 from src.continual.preemption import PREEMPTION, SIGNALS, Interrupted, interrupted_by_lightning
 from src.continual.requeue import requeue_job, requeue_signal
 from src.continual.results import SCHEMA_VERSION, format_table, write_json_atomic
@@ -88,11 +87,12 @@ class TaskLoop:
         config: dict,
         save_checkpoints: bool = True,
         checkpoint_every_n_steps: int = 0,
+        plots: bool = False,
     ):
         self.trainer, self.module, self.dm = trainer, module, datamodule
         self.run_dir = Path(run_dir)
         self.epochs_per_task, self.steps_per_task = epochs_per_task, steps_per_task
-        self.save_checkpoints = save_checkpoints
+        self.save_checkpoints, self.plots = save_checkpoints, plots
         self.keep_every_task = bool((config.get("checkpoint") or {}).get("keep_every_task", False))
         evaluation = config.get("eval") or {}  # what to evaluate after each task (conf/train.yaml `eval`)
         self.eval_every, self.eval_which = evaluation.get("every_n_tasks", 1), evaluation.get("tasks", "all")
@@ -136,8 +136,9 @@ class TaskLoop:
             "task_costs": [],
             # startup: process start → this loop (imports, config, data, model); first_step: process start → first
             # training step; data: loading the dataset (part of startup); the rest are sums over the run
+            # results_written: process start → the newest write of this file (the final one, once finished)
             "timing_s": {"startup": process_age(), "first_step": None, "data": None,
-                         "train": 0.0, "task_end": 0.0, "eval": 0.0, "checkpoint": 0.0},
+                         "train": 0.0, "task_end": 0.0, "eval": 0.0, "checkpoint": 0.0, "results_written": None},
             "wall_time_s": None,
             "peak_memory_mb": None,  # {"rss": resident memory, "gpu": PyTorch's GPU allocations}, peaks so far
             "requeue": None,  # a stop on SLURM's requeue signal: {"job_id", "requeued", "scontrol_returncode"}
@@ -391,17 +392,23 @@ class TaskLoop:
         if self.trainer.is_global_zero:
             self.results["wall_time_s"] = time.perf_counter() - self.started
             self.results["peak_memory_mb"] = peak_memory_mb()
+            self.results["timing_s"]["results_written"] = process_age()
             write_json_atomic(self.run_dir / "results.json", self.results)
 
     def _finish(self) -> None:
+        """After the last evaluation only what is cheap: results.json, the loggers' last rows, closed, and the table.
+        The plots (≈ 0.7 s) only with `plots=true` or for W&B, which uploads them (src/continual/plots.py)."""
         self._write()
         if not self.trainer.is_global_zero:
             return
-        plot_run(self.results, self.run_dir)
+        if self.plots or any(wandb_report.is_wandb(logger) for logger in self.trainer.loggers):
+            from src.continual.plots import plot_run
+
+            plot_run(self.results, self.run_dir)
         final = {k: self.results[k] for k in ("avg_acc", "forgetting", "bwt", "fwt") if self.results[k] is not None}
         for logger in self.trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in final.items()}, step=self.trainer.global_step)
-            logger.save()
             if wandb_report.is_wandb(logger):  # the accuracy matrix as a table and a heatmap; closes the W&B run
                 wandb_report.log_final(logger, self.results, self.run_dir)
+            logger.finalize("success")  # written and closed: nothing is left for the interpreter's exit to flush
         print("\n" + format_table(self.results) + f"\nrun folder: {self.run_dir}\n", flush=True)

@@ -352,6 +352,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check(isinstance(keep, bool), "checkpoint.keep_every_task", keep, "true or false")
     requeue = cfg.get("auto_requeue", True)
     _check(isinstance(requeue, bool), "auto_requeue", requeue, "true or false")
+    plots = cfg.get("plots", False)
+    _check(isinstance(plots, bool), "plots", plots, "true or false")
 
     scenario = cfg.scenario
     if "train_classes" in scenario:
