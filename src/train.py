@@ -151,7 +151,7 @@ def build_task_loop(cfg: DictConfig, run_dir: Path, validate: bool = True, sourc
         trainer, module, datamodule, run_dir,
         epochs_per_task=cfg.trainer.max_epochs, steps_per_task=cfg.trainer.max_steps,
         config=OmegaConf.to_container(cfg, resolve=True), save_checkpoints=cfg.save_checkpoints,
-        checkpoint_every_n_steps=cfg.checkpoint.every_n_steps, plots=cfg.get("plots", False),
+        checkpoint_every_n_steps=cfg.checkpoint.every_n_steps, plots=cfg.get("plots", True),
     )
     loop.results["timing_s"]["data"] = loading
     return loop

@@ -25,7 +25,8 @@ def test_short_run_fills_the_run_folder(tmp_path, method, scenario):
     for name in ("config.yaml", "results.json", "train.log", "checkpoints/last.ckpt", "csv/metrics.csv",
                  ".hydra/config.yaml"):
         assert (run_dir / name).is_file(), name
-    assert not list(run_dir.glob("*.png"))  # plots only with plots=true (test_task_loop, test_startup)
+    for name in ("acc_matrix", "avg_acc", "task_acc"):  # plots=true by default (plots=false: test_startup)
+        assert (run_dir / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
     assert "after \\ on" in proc.stdout and "avg_acc" in proc.stdout  # the table printed at the end
     assert "task 5/5 done" in (run_dir / "train.log").read_text()
     csv_header = (run_dir / "csv" / "metrics.csv").read_text().splitlines()[0]

@@ -18,11 +18,12 @@ def heavy_in(modules) -> set[str]:
     return {m for m in modules if m.partition(".")[0] in HEAVY}
 
 
-def test_a_default_run_imports_none_of_the_heavy_packages_and_draws_no_plots(tmp_path):
-    """The default config (EWC, csv logger) on tiny data: at the first training step and at the end of
-    the last evaluation, none of HEAVY is imported; the plots are drawn on demand, afterwards, from results.json."""
+def test_a_default_run_imports_none_of_the_heavy_packages_and_with_plots_false_draws_none(tmp_path):
+    """The default config (EWC, csv logger) on tiny data: at the first training step none of HEAVY is imported; with
+    `plots=false` none is at the end of the last evaluation either (the plots import matplotlib), and the plots are
+    drawn on demand, afterwards, from results.json."""
     run_dir, record = tmp_path / "run", tmp_path / "imports.json"
-    run_train(run_dir, *SYNTHETIC, "method=ewc", "dataset.tasks.n_tasks=2",
+    run_train(run_dir, *SYNTHETIC, "method=ewc", "dataset.tasks.n_tasks=2", "plots=false",
               "trainer.max_steps=3", "+callbacks.imports._target_=tests.import_probe.RecordImports",
               f"+callbacks.imports.path={record}")
     imported = json.loads(record.read_text())

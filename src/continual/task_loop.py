@@ -396,15 +396,17 @@ class TaskLoop:
             write_json_atomic(self.run_dir / "results.json", self.results)
 
     def _finish(self) -> None:
-        """After the last evaluation only what is cheap: results.json, the loggers' last rows, closed, and the table.
-        The plots (≈ 0.7 s) only with `plots=true` or for W&B, which uploads them (src/continual/plots.py)."""
-        self._write()
-        if not self.trainer.is_global_zero:
-            return
-        if self.plots or any(wandb_report.is_wandb(logger) for logger in self.trainer.loggers):
+        """After the last evaluation: the plots (≈ 0.7 s) unless `plots=false` (always for W&B, which uploads them),
+        then results.json, written last so that `finished` means every output is there; then only what is cheap: the
+        loggers' last rows, closed, and the table."""
+        if self.trainer.is_global_zero and (
+                self.plots or any(wandb_report.is_wandb(logger) for logger in self.trainer.loggers)):
             from src.continual.plots import plot_run
 
             plot_run(self.results, self.run_dir)
+        self._write()
+        if not self.trainer.is_global_zero:
+            return
         final = {k: self.results[k] for k in ("avg_acc", "forgetting", "bwt", "fwt") if self.results[k] is not None}
         for logger in self.trainer.loggers:
             logger.log_metrics({f"final/{k}": v for k, v in final.items()}, step=self.trainer.global_step)

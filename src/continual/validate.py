@@ -352,7 +352,7 @@ def validate_config(cfg: DictConfig) -> None:
     _check(isinstance(keep, bool), "checkpoint.keep_every_task", keep, "true or false")
     requeue = cfg.get("auto_requeue", True)
     _check(isinstance(requeue, bool), "auto_requeue", requeue, "true or false")
-    plots = cfg.get("plots", False)
+    plots = cfg.get("plots", True)
     _check(isinstance(plots, bool), "plots", plots, "true or false")
 
     scenario = cfg.scenario
