@@ -107,6 +107,33 @@ def test_sigusr1_requeues_the_job_and_the_restarted_job_continues_the_run_exactl
 
 
 @pytest.mark.slow
+def test_a_restarted_run_in_a_folder_named_by_the_time_continues_the_folder_the_requeued_job_noted(
+        tmp_path, fake_slurm, reference):
+    """The default run folder is named by the time, so the restarted job's is a new name: the requeued job notes its
+    folder in outputs/.requeued/<job id> and the restarted run continues that one (and removes the note)."""
+    env, calls = fake_slurm
+    job = str(900000 + os.getpid() % 100000)  # a job id of this test alone: the note lies under the project's outputs/
+    env = {**env, "SLURM_JOB_ID": job}
+    note = ROOT / "outputs" / ".requeued" / job
+    runs = tmp_path / "runs"
+    command = (f"{runs}/" + "${now:%H-%M-%S-%f}", *COMMON, *signal_once(tmp_path, 8, "SIGUSR1"))
+    try:
+        proc = run_train(*command, check=False, env=env)
+        (first,) = runs.iterdir()
+        assert assert_stopped(proc, first, "SIGUSR1")["requeue"]["requeued"]
+        assert calls.read_text() == f"requeue {job}\n" and note.read_text().strip() == str(first)
+        restarted = run_train(*command, env={**env, "SLURM_RESTART_COUNT": "1"})
+        assert f"continuing the run in {first}" in restarted.stderr
+        assert list(runs.iterdir()) == [first]  # Hydra too wrote into the continued folder, not a new one
+        resumed = read_results(first)
+        assert resumed["status"] == "finished" and not note.exists()
+        for key in ("acc_matrix", "random_init_acc", "avg_acc", "bwt", "steps_per_task"):
+            assert resumed[key] == reference[key], key
+    finally:
+        note.unlink(missing_ok=True)
+
+
+@pytest.mark.slow
 def test_a_restarted_multirun_job_continues_its_job_folder(tmp_path, fake_slurm, reference):
     """`-m` in a batch script with a fixed sweep folder (Hydra's basic launcher): the restarted job finds its job's
     folder `<sweep>/0` again (the submitit launcher's requeued job re-runs its pickled job the same way)."""

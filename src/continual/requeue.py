@@ -13,7 +13,8 @@ pre-emption with requeue). Such a job continues the run whose folder it would wr
 checkpoint, as `resume=<folder>` does; a finished one is then a no-op. The folder is the same only when the command
 names it: `hydra.run.dir=<folder>` in a batch script, or the submitit launcher (the requeued job re-runs the pickled
 job, whose sweep folder was resolved at submission). A default, time-stamped run folder is a new one after the
-restart: a new run starts there, and says so (docs/sweeps.md).
+restart: the requeued job notes its folder in `outputs/.requeued/<job id>` (under the folder the command runs in),
+and the restarted job continues that run (docs/sweeps.md).
 """
 
 from __future__ import annotations
@@ -70,7 +71,13 @@ def slurm_job_id() -> str:
     return job
 
 
-def requeue_job(trainer, signum: int) -> dict | None:
+def requeued_marker(job: str) -> Path:
+    """Where a requeued job notes its run folder for its restart: under `outputs/` of the folder the command runs in
+    (SLURM restarts a job there), as a folder named by the time is a new one after the restart."""
+    return Path.cwd() / "outputs" / ".requeued" / job
+
+
+def requeue_job(trainer, signum: int, run_dir: Path | None = None) -> dict | None:
     """After a stop on `signum`: on rank 0, when it is the requeue signal, `scontrol requeue <job>`; returns what
     happened for results.json (None: no requeue asked for).
 
@@ -91,6 +98,13 @@ def requeue_job(trainer, signum: int) -> dict | None:
     except subprocess.TimeoutExpired:
         record["error"] = f"scontrol did not answer in {SCONTROL_TIMEOUT_S} s"
     record["requeued"] = record["scontrol_returncode"] == 0
+    if record["requeued"] and run_dir is not None:
+        try:
+            marker = requeued_marker(job)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"{Path(run_dir).absolute()}\n")
+        except OSError as err:  # the restarted job then finds the folder only if the command names it
+            record["error"] = f"could not note the run folder for the restart: {err}"
     return record
 
 
@@ -104,19 +118,26 @@ def restart_count() -> int:
         return 0
 
 
-def folder_to_continue(folder: Path) -> Path | None:
-    """In a job SLURM has restarted: `folder` when it holds a run to continue (its config and a checkpoint), else
-    None, saying on stderr that a new run starts. Outside a restarted job: None."""
+def folder_to_continue(folder: Path, noted: bool = False) -> Path | None:
+    """In a job SLURM has restarted: `folder` when it holds a run to continue (its config and a checkpoint), else,
+    with `noted` (a single run: one run per job), the folder the requeued job noted; else None, saying on stderr
+    that a new run starts. Outside a restarted job: None."""
     count = restart_count()
     if count < 1:
         return None
+    holds_run = lambda f: (f / "config.yaml").is_file() and (f / "checkpoints" / "last.ckpt").is_file()  # noqa: E731
     folder = Path(folder).absolute()
-    if (folder / "config.yaml").is_file() and (folder / "checkpoints" / "last.ckpt").is_file():
-        print(f"SLURM restarted this job (SLURM_RESTART_COUNT={count}): continuing the run in {folder}",
-              file=sys.stderr, flush=True)
-        return folder
+    marker = requeued_marker(slurm_job_id()) if noted and os.environ.get("SLURM_JOB_ID") else None
+    noted = Path(marker.read_text().strip()) if marker is not None and marker.is_file() else None
+    for candidate in (folder, noted):  # the folder the command names, else the one the requeued job noted
+        if candidate is not None and holds_run(candidate):
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+            print(f"SLURM restarted this job (SLURM_RESTART_COUNT={count}): continuing the run in {candidate}",
+                  file=sys.stderr, flush=True)
+            return candidate
     print(f"note: SLURM restarted this job (SLURM_RESTART_COUNT={count}) and {folder} holds no run to continue (no "
-          "config.yaml and checkpoints/last.ckpt), so a new run starts there. A folder named by the time is a new one "
-          "after a restart: name it in the command (hydra.run.dir=...) for a requeued job to continue its run "
+          "config.yaml and checkpoints/last.ckpt), and no requeued run of this job was noted, so a new run starts "
+          "there. In a multirun, fix the folder (hydra.sweep.dir=...) for a requeued job to continue its runs "
           "(docs/sweeps.md).", file=sys.stderr, flush=True)
     return None

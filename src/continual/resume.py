@@ -199,7 +199,7 @@ class ResumeInItsFolder(Callback):
         previous = HydraConfig.instance().cfg
         HydraConfig.instance().set_config(config.copy())  # the folder's name may use `${hydra:…}` (a copy: this
         try:  # marks its hydra node read-only; `${now:…}` is cached in the config itself, as when Hydra resolves it)
-            folder = folder_to_continue(Path(str(config.hydra.run.dir)))
+            folder = folder_to_continue(Path(str(config.hydra.run.dir)), noted=True)
         finally:
             HydraConfig.instance().cfg = previous
         if folder is not None:

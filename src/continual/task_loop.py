@@ -220,7 +220,7 @@ class TaskLoop:
         self._write()
         if not interrupted:
             return
-        requeue = requeue_job(self.trainer, stopped.signum)
+        requeue = requeue_job(self.trainer, stopped.signum, self.run_dir)
         if requeue is None:
             self._info("%s: continue with `python -m src.train resume=%s`", stopped, self.run_dir)
             return
