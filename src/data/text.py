@@ -175,8 +175,8 @@ class TextTaskSequenceDataModule(TaskSequenceDataModule):
                                               self.val_fraction, self.seed)
         super().setup(stage)
 
-    def _prepare(self, batch, global_step: int | None, layout=None, stream: int = 0):
-        return batch
+    def _prepare(self, batch, global_step: int | None, layout=None, stream: int = 0, rows=None):
+        return batch  # token ids as they are (no task transform is cached: `rows` is never recorded for text)
 
 
 # ---- the 5-dataset text classification benchmark -------------------------------------------------------------------
