@@ -47,7 +47,8 @@ def random_like(module, seed, positive=False):
 
 
 def ewc_with(module, terms, mode="separate", lam=3.0):
-    """An EWC whose state holds `terms` = [(fisher, anchor), ...], loaded through the public checkpoint path."""
+    """An EWC holding `terms` = [(fisher, anchor), ...], one per task, loaded as a checkpoint of the older format (one
+    term per task) is: each term is added to the quadratic in turn, as `on_task_end` adds a finished task's."""
     ewc = EWC(lam=lam, mode=mode)
     ewc.load_state_dict({
         "mode": mode, "param_names": [n for n, _ in module.named_parameters()], "fisher_stats": [],
@@ -94,6 +95,56 @@ def test_separate_mode_sums_the_tasks():
         torch.testing.assert_close(together[1][n], sum(g[n] for _, g in alone), rtol=1e-5, atol=1e-6)
 
 
+def test_many_tasks_in_separate_mode_are_one_quadratic_of_constant_size():
+    """30 tasks, Fishers with zeros (weights no task cares about) and with one task dominating some weights: the
+    consolidated quadratic's value and gradient equal the sum of the 30 terms computed apart in float64, its state has
+    the size of one task's, and it survives a checkpoint round trip exactly."""
+    module = Toy()
+    terms = []
+    for k in range(30):
+        fisher = random_like(module, 100 + k, positive=True)
+        for n, f in fisher.items():
+            f[f < 0.3] = 0.0  # zeros, some of them in every task: A = 0 there, and the centre is the latest anchor
+            if k == 7:
+                f.mul_(1e6)
+        terms.append((fisher, random_like(module, 200 + k)))
+    ewc = ewc_with(module, terms)
+    one = ewc_with(module, terms[:1])
+    with torch.no_grad():
+        for p, d in zip(module.parameters(), random_like(module, 3).values(), strict=True):
+            p.add_(d)
+    value, grads = penalty_and_grads(ewc, module)
+    params = {n: p.detach().double() for n, p in module.named_parameters()}
+    expected = sum(1.5 * float((f[n].double() * (params[n] - a[n].double()) ** 2).sum()) for f, a in terms for n in params)
+    assert value.item() == pytest.approx(expected, rel=1e-6)
+    for n in params:
+        want = sum(3.0 * f[n].double() * (params[n] - a[n].double()) for f, a in terms)
+        torch.testing.assert_close(grads[n].double(), want, rtol=1e-5, atol=1e-6)
+    state = ewc.state_dict()
+    assert ewc.tasks == list(range(30)) and "terms" not in state
+    assert sum(t.numel() for d in ("precision", "centre") for t in state[d].values()) == sum(
+        t.numel() for d in ("precision", "centre") for t in one.state_dict()[d].values())
+    restored = EWC(lam=3.0)
+    restored.load_state_dict(copy.deepcopy(state))
+    assert penalty_and_grads(restored, module)[0].item() == value.item()
+
+
+def test_online_mode_keeps_the_latest_anchor_and_decays_the_fisher():
+    module = Toy()
+    terms = [(random_like(module, 10 + k, positive=True), random_like(module, 20 + k)) for k in range(3)]
+    ewc = EWC(lam=2.0, mode="online", gamma=0.5)
+    ewc.param_names = [n for n, _ in module.named_parameters()]
+    for k, (fisher, anchor) in enumerate(terms):
+        ewc._add_task(k, fisher, anchor)
+    running = {n: 0.25 * terms[0][0][n] + 0.5 * terms[1][0][n] + terms[2][0][n] for n in terms[0][0]}
+    alone = penalty_and_grads(ewc_with(module, [(running, terms[2][1])], mode="online", lam=2.0), module)
+    value, grads = penalty_and_grads(ewc, module)
+    torch.testing.assert_close(value, alone[0], rtol=1e-6, atol=0)
+    for n in grads:
+        torch.testing.assert_close(grads[n], alone[1][n], rtol=1e-6, atol=1e-7)
+    assert ewc.tasks == [0, 1, 2]
+
+
 def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="method.mode"):
         EWC(mode="both")
@@ -119,6 +170,7 @@ def test_task_end_stores_fisher_and_anchor_online_decays_by_gamma(tmp_path, mode
     loop = build_loop(tmp_path, *SHORT, "method=ewc", f"method.mode={mode}", "method.gamma=0.5")
     module, dm, ewc = loop.module, loop.dm, loop.module.regularizer
     f0 = own_fisher(module, dm, 0)
+    anchor0 = {n: p.detach().clone() for n, p in module.named_parameters()}
     ewc.on_task_end(0, module, dm)
     with torch.no_grad():  # "train" task 1
         for p in module.parameters():
@@ -127,19 +179,18 @@ def test_task_end_stores_fisher_and_anchor_online_decays_by_gamma(tmp_path, mode
     f1 = own_fisher(module, dm, 1)
     ewc.on_task_end(1, module, dm)
 
-    if mode == "online":
-        (term,) = ewc.terms
-        assert term["tasks"] == [0, 1]
-        for n in f0:
-            torch.testing.assert_close(term["fisher"][n], 0.5 * f0[n] + f1[n], rtol=1e-6, atol=1e-9)
-            assert torch.equal(term["anchor"][n], theta1[n])
-    else:
-        assert [t["tasks"] for t in ewc.terms] == [[0], [1]]
-        for n in f0:
-            torch.testing.assert_close(ewc.terms[0]["fisher"][n], f0[n], rtol=1e-6, atol=1e-9)
-            torch.testing.assert_close(ewc.terms[1]["fisher"][n], f1[n], rtol=1e-6, atol=1e-9)
+    assert ewc.tasks == [0, 1]
+    for n in f0:
+        if mode == "online":  # A = γ F_0 + F_1 at the latest anchor θ*_1
+            torch.testing.assert_close(ewc.precision[n], 0.5 * f0[n] + f1[n], rtol=1e-6, atol=1e-9)
+            assert torch.equal(ewc.centre[n], theta1[n])
+        else:  # A = F_0 + F_1 at their weighted mean (θ*_1 where both are 0)
+            torch.testing.assert_close(ewc.precision[n], f0[n] + f1[n], rtol=1e-6, atol=1e-9)
+            both = f0[n] + f1[n]
+            mean = torch.where(both > 0, (f0[n] * anchor0[n] + f1[n] * theta1[n]) / both.clamp_min(1e-30), theta1[n])
+            torch.testing.assert_close(ewc.centre[n], mean, rtol=1e-5, atol=1e-7)
     # task-incremental: head rows of tasks 0 and 1 have Fisher, later heads none
-    rows = sum(term["fisher"]["head.weight"] for term in ewc.terms).abs().sum(1)
+    rows = ewc.precision["head.weight"].abs().sum(1)
     assert (rows[:4] > 0).all() and (rows[4:] == 0).all()
     assert [s["task"] for s in ewc.fisher_stats] == [0, 1]
     assert all(s["mean"] > 0 and s["max"] >= s["mean"] and 0 < s["top1pct_mass"] <= 1 for s in ewc.fisher_stats)
@@ -159,7 +210,16 @@ def test_penalty_zero_in_task_0_positive_after_with_the_right_gradient(tmp_path,
         return terms
 
     ewc.loss = spy
+    per_task = []  # each finished task's (F_k, θ*_k), as they enter the quadratic
+    original_add = ewc._add_task
+
+    def record(task, fisher, anchor):
+        per_task.append(({n: f.clone() for n, f in fisher.items()}, {n: a.clone() for n, a in anchor.items()}))
+        original_add(task, fisher, anchor)
+
+    ewc._add_task = record
     loop.run()
+    assert len(per_task) == 2
     task0 = [v for t, v in seen if t == 0]
     task1 = [v for t, v in seen if t == 1]
     assert len(task0) == len(task1) == 5
@@ -175,11 +235,11 @@ def test_penalty_zero_in_task_0_positive_after_with_the_right_gradient(tmp_path,
     terms["loss"].backward()
     params = dict(module.named_parameters())
     expected = 0.0
-    for term in ewc.terms:
-        expected += sum(25.0 * (term["fisher"][n] * (params[n] - term["anchor"][n]) ** 2).sum() for n in params)
+    for fisher, anchor in per_task:
+        expected += sum(25.0 * (fisher[n] * (params[n] - anchor[n]) ** 2).sum() for n in params)
     torch.testing.assert_close(terms["ewc_penalty"], expected.detach(), rtol=1e-5, atol=0)
     for n, p in params.items():
-        want = sum(50.0 * term["fisher"][n] * (p.detach() - term["anchor"][n]) for term in ewc.terms)
+        want = sum(50.0 * fisher[n] * (p.detach() - anchor[n]) for fisher, anchor in per_task)
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-7, msg=n)
 
 
@@ -217,7 +277,7 @@ def test_checkpoint_mid_sequence_restores_identical_penalty(tmp_path):
     assert fresh.regularizer.penalty(fresh).item() == 0
     fresh.load_state_dict(checkpoint["state_dict"])
     fresh.on_load_checkpoint(checkpoint)
-    assert fresh.current_task == 1 and len(fresh.regularizer.terms) == 2
+    assert fresh.current_task == 1 and fresh.regularizer.tasks == [0, 1]
     assert fresh.regularizer.penalty(fresh).item() == captured["penalty"]
     module.load_state_dict(captured["params"])
     with torch.no_grad():  # same perturbation of both models: same penalty and gradient

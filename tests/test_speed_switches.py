@@ -77,12 +77,11 @@ def assert_same_numbers(a, b, results_a, results_b):
 
 
 def assert_same_fisher(a, b, rtol=1e-4, atol=1e-7):
-    terms_a, terms_b = a.module.regularizer.terms, b.module.regularizer.terms
-    assert len(terms_a) == len(terms_b) > 0
-    for ta, tb in zip(terms_a, terms_b, strict=True):
-        assert ta["fisher"].keys() == tb["fisher"].keys()
-        torch.testing.assert_close(ta["fisher"], tb["fisher"], rtol=rtol, atol=atol)
-        assert sum(float(f.sum()) for f in ta["fisher"].values()) > 0
+    ewc_a, ewc_b = a.module.regularizer, b.module.regularizer
+    assert ewc_a.tasks == ewc_b.tasks and ewc_a.tasks
+    assert ewc_a.precision.keys() == ewc_b.precision.keys()
+    torch.testing.assert_close(ewc_a.precision, ewc_b.precision, rtol=rtol, atol=atol)
+    assert sum(float(f.sum()) for f in ewc_a.precision.values()) > 0
 
 
 # ---- model.compile ---------------------------------------------------------------------------------------------------
@@ -202,8 +201,8 @@ def test_the_whole_gpu_recipe_runs_on_cpu(tmp_path, fresh_dynamo):
     assert compiled_graphs() > 0 and results["status"] == "finished"
     assert all(math.isfinite(a) for row in results["acc_matrix"] for a in row)
     assert all(p.is_contiguous(memory_format=torch.channels_last) for p in loop.module.parameters() if p.dim() == 4)
-    for fisher in (t["fisher"] for t in loop.module.regularizer.terms):
-        assert all(f.dtype == torch.float32 and bool(torch.isfinite(f).all()) for f in fisher.values())
+    assert all(f.dtype == torch.float32 and bool(torch.isfinite(f).all())
+               for f in loop.module.regularizer.precision.values())
     for row_a, row_b in zip(results["acc_matrix"], eager["acc_matrix"], strict=True):
         assert row_a == pytest.approx(row_b, abs=0.05)
 
@@ -221,10 +220,9 @@ def test_bf16_mixed_runs_end_to_end_on_cpu(tmp_path, method):
     assert all(bool(torch.isfinite(p).all()) and p.dtype == torch.float32 for p in loop.module.parameters())
     if method == "ewc":
         regularizer = loop.module.regularizer
-        assert len(regularizer.terms) == 3
-        for term in regularizer.terms:
-            assert all(f.dtype == torch.float32 and bool(torch.isfinite(f).all()) for f in term["fisher"].values())
-            assert sum(float(f.sum()) for f in term["fisher"].values()) > 0
+        assert regularizer.tasks == [0, 1, 2] and len(regularizer.fisher_stats) == 3
+        assert all(f.dtype == torch.float32 and bool(torch.isfinite(f).all()) for f in regularizer.precision.values())
+        assert all(s["mean"] > 0 for s in regularizer.fisher_stats)
         penalty = regularizer.penalty(loop.module)
         assert math.isfinite(float(penalty)) and float(penalty) > 0
 

@@ -8,9 +8,9 @@ The loss while task t trains is
   samples of the squared per-sample gradient** of log p(y|x, θ*_k) (`src/methods/fisher.py`). F is a per-sample
   mean, so λ does not depend on the batch size or on how many samples estimate the Fisher; the ½ is there, so the
   penalty's gradient is exactly λ · Σ_k F_k ⊙ (θ − θ*_k). See `docs/ewc.md` for other libraries' λ scales.
-- `mode: separate`: one (F_k, θ*_k) per finished task, all of them summed (memory grows with the tasks).
-  `mode: online`: one running Fisher F ← γ·F + F_new and only the latest anchor θ* (Schwarz et al.); γ = 1 keeps
-  every task's Fisher at full weight. `gamma` is unused in separate mode.
+- `mode: separate`: every finished task's (F_k, θ*_k) is summed, the formula above. `mode: online`: one running
+  Fisher F ← γ·F + F_new and only the latest anchor θ* (Schwarz et al.); γ = 1 keeps every task's Fisher at full
+  weight. `gamma` is unused in separate mode.
 - `fisher`: which labels y the expectation is over: `exact` (all active classes, weighted by the model's own
   probabilities: the true Fisher, the default), `sample` (one label drawn from the model's prediction per input, with
   a generator seeded from `seed` and the task), `empirical` (the data's labels).
@@ -26,12 +26,15 @@ The loss while task t trains is
   stay at their anchors and their penalty stays zero, i.e. they are effectively frozen. The head being trained has
   zero Fisher from all earlier tasks and is free.
 
-Implementation: Σ_k F_k (θ − θ*_k)² is a quadratic in θ with the same minimiser for every step of a task, so the terms
-are consolidated once per task (in float64) into A = Σ_k F_k, centre m = Σ_k F_k θ*_k / A and a constant c, giving
-Σ_i A_i (θ_i − m_i)² + c: a few multi-tensor (`torch._foreach_*`) passes per step whatever the number of tasks, and
-no autograd graph (the gradient λ·A ⊙ (θ − m) is computed in the forward pass and handed back in the backward).
+Implementation: Σ_k F_k (θ − θ*_k)² is a quadratic in θ, so the state is one quadratic in both modes: precision
+A = Σ_k F_k, centre m = Σ_k F_k θ*_k / A (θ* of the latest task where A = 0) and a constant c, giving
+Σ_i A_i (θ_i − m_i)² + c. A finished task updates it in place (in float64, exactly: A' = A + F, m' the A'-weighted mean
+of m and θ*, c' = c + Σ A (m − m')² + F (θ* − m')²), so neither a step, a task's end, memory nor a checkpoint grows with
+the number of tasks, in separate mode too. A step is a few multi-tensor (`torch._foreach_*`) passes and keeps no
+autograd graph (the gradient λ·A ⊙ (θ − m) is computed in the forward pass and handed back in the backward).
+A checkpoint written by an older version (one Fisher and anchor per task, `terms`) loads into the same quadratic.
 
-State (Fisher, anchors, Fisher statistics) is in `state_dict`, so every checkpoint carries it. `fisher_stats` is a
+State (the quadratic, the tasks it holds, Fisher statistics) is in `state_dict`, so every checkpoint carries it. `fisher_stats` is a
 list with one dict per finished task: mean, max, the fraction of the Fisher's mass in its top 1% of weights, the
 number of samples and the seconds the estimate took.
 """
@@ -88,16 +91,18 @@ class EWC(Regularizer):
         self.fisher_kind, self.fisher_samples, self.fisher_batch_size = fisher, fisher_samples, fisher_batch_size
         self.seed = seed
         self.param_names: list[str] | None = None
-        # separate: one {"tasks", "fisher", "anchor"} per finished task; online: a single one, the running Fisher
-        self.terms: list[dict] = []
+        # the penalty's quadratic Σ_i A_i (θ_i − m_i)² + c, per parameter name; None before the first task ends
+        self.precision: dict[str, torch.Tensor] | None = None  # A
+        self.centre: dict[str, torch.Tensor] | None = None  # m
+        self.const = 0.0  # c
+        self.tasks: list[int] = []  # the finished tasks the quadratic holds
         self.fisher_stats: list[dict] = []
-        self._quadratic = None  # (A, m, c) consolidated from `terms`: flat A and m, the constant c
-        self._views = None  # ((device, λ), λ·A, m, scratch) as per-parameter tensors on the parameters' device
+        self._views = None  # ((device, λ), λ·A, m, scratch) as per-parameter lists on the parameters' device
         self._params_cache = None
 
     # ---- the penalty, every training step ------------------------------------------------------------------------
     def loss(self, module, batch, logits, task_loss):
-        if self._quadratic is None:
+        if self.precision is None:
             return {"loss": task_loss, "ewc_penalty": torch.zeros((), device=task_loss.device)}
         params = self._params(module)
         scaled_precision, centre, scratch, const = self._on_device(params[0].device)
@@ -107,7 +112,7 @@ class EWC(Regularizer):
     def penalty(self, module) -> torch.Tensor:
         """(λ/2) Σ_k Σ_i F_k,i (θ_i − θ*_k,i)² at the module's current parameters (0 before the first task ends)."""
         zero = torch.zeros(())
-        return self.loss(module, None, None, zero)["ewc_penalty"] if self._quadratic is not None else zero
+        return self.loss(module, None, None, zero)["ewc_penalty"] if self.precision is not None else zero
 
     def _params(self, module) -> list[torch.nn.Parameter]:
         if self._params_cache is None or self._params_cache[0] is not module:
@@ -120,16 +125,11 @@ class EWC(Regularizer):
 
     def _on_device(self, device):
         """(λ·A, m, scratch space for θ − m) as lists of per-parameter tensors on `device`, and c."""
-        precision, centre, const = self._quadratic
         if self._views is None or self._views[0] != (device, self.lam):
-            shapes = [self.terms[-1]["anchor"][n].shape for n in self.param_names]
-            sizes = [math.prod(s) for s in shapes]
-
-            def split(flat):
-                return [v.view(s) for v, s in zip(flat.to(device).split(sizes), shapes, strict=True)]
-
-            self._views = ((device, self.lam), split(self.lam * precision), split(centre), split(torch.empty_like(centre)))
-        return self._views[1], self._views[2], self._views[3], const
+            centre = [self.centre[n].to(device) for n in self.param_names]
+            self._views = ((device, self.lam), [self.lam * self.precision[n].to(device) for n in self.param_names],
+                           centre, [torch.empty_like(m) for m in centre])
+        return self._views[1], self._views[2], self._views[3], self.const
 
     # ---- the Fisher, at the end of every task ----------------------------------------------------------------------
     def on_task_end(self, task, module, datamodule):
@@ -151,30 +151,34 @@ class EWC(Regularizer):
         seconds = time.perf_counter() - start
         anchor = {name: p.detach().clone() for name, p in params.items()}
 
-        if self.mode == "online" and self.terms:
-            old = self.terms[0]
-            running = {name: self.gamma * old["fisher"][name] + f for name, f in fisher.items()}
-            self.terms = [{"tasks": [*old["tasks"], task], "fisher": running, "anchor": anchor}]
-        else:
-            self.terms.append({"tasks": [task], "fisher": fisher, "anchor": anchor})
-        self._consolidate()
+        self._add_task(task, fisher, anchor)
         self.fisher_stats.append({"task": task, "kind": self.fisher_kind, "n_samples": n, "seconds": seconds,
                                   **fisher_statistics(fisher), "fast_path": coverage["fast"],
                                   "fallback": coverage["fallback"],
                                   **({"fallback_method": coverage["fallback_method"]} if coverage["fallback"] else {})})
         self._log_stats(module)
 
-    def _consolidate(self) -> None:
-        """A = Σ_k F_k, m = Σ_k F_k θ*_k / A (θ* of the latest task where A = 0), c = Σ_k Σ_i F_k,i (θ*_k,i − m_i)²."""
-        flat = [(_flatten(t["fisher"], self.param_names).double(), _flatten(t["anchor"], self.param_names).double())
-                for t in self.terms]
-        precision = sum(f for f, _ in flat)
-        weighted = sum(f * a for f, a in flat)
-        centre = torch.where(precision > 0, weighted / precision.clamp_min(torch.finfo(torch.float64).tiny),
-                             flat[-1][1])
-        const = float(sum((f * (a - centre) ** 2).sum() for f, a in flat))
-        dtype = self.terms[-1]["anchor"][self.param_names[0]].dtype
-        self._quadratic = (precision.to(dtype), centre.to(dtype), const)
+    def _add_task(self, task: int, fisher: dict, anchor: dict) -> None:
+        """Adds the finished task's F (θ − θ*)² to the quadratic (separate), or decays and replaces it (online)."""
+        if self.precision is None:  # the first task: A = F, m = θ*, c = 0 in both modes
+            self.precision = {n: fisher[n].detach().clone() for n in self.param_names}
+            self.centre = {n: anchor[n].detach().clone() for n in self.param_names}
+            self.const = 0.0
+        elif self.mode == "online":
+            self.precision = {n: self.gamma * self.precision[n].to(fisher[n].device) + fisher[n] for n in self.param_names}
+            self.centre = {n: anchor[n].detach().clone() for n in self.param_names}
+        else:
+            added = 0.0
+            for n in self.param_names:
+                a, m = self.precision[n].to(fisher[n].device).double(), self.centre[n].to(fisher[n].device).double()
+                f, theta = fisher[n].double(), anchor[n].double()
+                a_new = a + f
+                m_new = torch.where(a_new > 0, (a * m + f * theta) / a_new.clamp_min(torch.finfo(torch.float64).tiny),
+                                    theta)
+                added += float((a * (m - m_new) ** 2).sum() + (f * (theta - m_new) ** 2).sum())
+                self.precision[n], self.centre[n] = a_new.to(fisher[n].dtype), m_new.to(anchor[n].dtype)
+            self.const += added
+        self.tasks.append(task)
         self._views = None
 
     def _log_stats(self, module) -> None:
@@ -190,13 +194,10 @@ class EWC(Regularizer):
         return {"fisher_stats": [dict(stats) for stats in self.fisher_stats]}
 
     def state_dict(self) -> dict:
-        cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
-        return {
-            "mode": self.mode,
-            "param_names": self.param_names,
-            "terms": [{"tasks": t["tasks"], "fisher": cpu(t["fisher"]), "anchor": cpu(t["anchor"])} for t in self.terms],
-            "fisher_stats": [dict(s) for s in self.fisher_stats],
-        }
+        cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()} if d is not None else None  # noqa: E731
+        return {"mode": self.mode, "param_names": self.param_names, "tasks": list(self.tasks),
+                "precision": cpu(self.precision), "centre": cpu(self.centre), "const": self.const,
+                "fisher_stats": [dict(s) for s in self.fisher_stats]}
 
     def load_state_dict(self, state: dict) -> None:
         if not state:
@@ -204,13 +205,17 @@ class EWC(Regularizer):
         if state["mode"] != self.mode:
             raise ConfigError(f"method.mode={self.mode!r} but the checkpoint was trained with mode={state['mode']!r}")
         self.param_names = state["param_names"]
-        self.terms = [{"tasks": list(t["tasks"]), "fisher": dict(t["fisher"]), "anchor": dict(t["anchor"])}
-                      for t in state["terms"]]
         self.fisher_stats = [dict(s) for s in state["fisher_stats"]]
-        self._params_cache = None
-        self._quadratic = None
-        if self.terms:
-            self._consolidate()
+        self._params_cache, self._views = None, None
+        self.precision, self.centre, self.const, self.tasks = None, None, 0.0, []
+        if "terms" in state:  # an older checkpoint: one (F_k, θ*_k) per task (separate) or the running one (online)
+            for term in state["terms"]:
+                self._add_task(term["tasks"][0], term["fisher"], term["anchor"])
+                self.tasks[-1:] = list(term["tasks"])
+            return
+        if state["precision"] is not None:
+            self.precision, self.centre = dict(state["precision"]), dict(state["centre"])
+            self.const, self.tasks = float(state["const"]), list(state["tasks"])
 
 
 class _QuadraticPenalty(torch.autograd.Function):
@@ -245,10 +250,6 @@ def fisher_statistics(fisher: dict[str, torch.Tensor]) -> dict[str, float]:
     k = max(1, math.ceil(0.01 * flat.numel()))
     top = float(flat.topk(k).values.sum())
     return {"mean": float(flat.mean()), "max": float(flat.max()), "top1pct_mass": top / total if total > 0 else 0.0}
-
-
-def _flatten(tensors: dict[str, torch.Tensor], names: list[str]) -> torch.Tensor:
-    return torch.cat([tensors[n].reshape(-1) for n in names])
 
 
 def _check(condition: bool, key: str, value, allowed: str) -> None:
