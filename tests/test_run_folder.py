@@ -150,3 +150,31 @@ def test_a_refused_ckpt_path_records_the_failure_in_the_new_folder_only(finished
     assert read_results(tmp_path / "new")["status"] == "failed"
     assert snapshot(finished) == before
     assert json.loads((finished / "results.json").read_text())["status"] == "finished"
+
+
+def test_a_new_metrics_column_rewrites_metrics_csv_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A new column (a task's first evaluation, EWC's Fisher statistics) makes the CSV logger write metrics.csv again
+    with the wider header: every row kept, and a failure meanwhile leaves the old file as it was."""
+    from src.continual.loggers import ContinuingCSVLogger
+
+    logger = ContinuingCSVLogger(save_dir=str(tmp_path), name="csv", version="")
+    logger.log_metrics({"train/loss": 1.0}, step=0)
+    logger.log_metrics({"train/loss": 0.5}, step=1)
+    path = Path(logger.experiment.metrics_file_path)
+    before = path.read_text()
+    original = csv.DictWriter.writerows
+
+    def fail(self, rows):  # the new header is written, then the rows fail
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", fail)
+    with pytest.raises(OSError, match="disk full"):
+        logger.log_metrics({"eval/acc_task_0": 0.9}, step=1)
+    assert path.read_text() == before
+    monkeypatch.setattr(csv.DictWriter, "writerows", original)
+    logger.experiment.metrics = []  # the failed row, as a killed run would not have it either
+    logger.log_metrics({"eval/acc_task_1": 0.8}, step=2)
+    with open(path, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(r["step"], r["train/loss"], r["eval/acc_task_1"]) for r in rows] == [
+        ("0", "1.0", ""), ("1", "0.5", ""), ("2", "", "0.8")]

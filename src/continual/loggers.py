@@ -81,12 +81,22 @@ class _ContinuingWriter(ExperimentWriter):
             return
         with open(self.metrics_file_path, newline="") as file:
             rows = list(csv.DictReader(file))
-        kept = [row for row in rows if position.logged_before(row)]
+        self._replace_rows([row for row in rows if position.logged_before(row)], self.metrics_keys)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        """A new column (e.g. a task's first evaluation, EWC's Fisher statistics) makes the header change, so the file
+        is written again: through a temporary file and a rename, so a kill meanwhile leaves the old file whole
+        (Lightning's own truncates it in place)."""
+        with open(self.metrics_file_path, newline="") as file:
+            rows = list(csv.DictReader(file))
+        self._replace_rows(rows, fieldnames)
+
+    def _replace_rows(self, rows: list[dict], fieldnames: list[str]) -> None:
         tmp = f"{self.metrics_file_path}.tmp"
         with open(tmp, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
+            writer = csv.DictWriter(file, fieldnames=fieldnames)
             writer.writeheader()
-            writer.writerows(kept)
+            writer.writerows(rows)
         os.replace(tmp, self.metrics_file_path)
 
 
