@@ -97,6 +97,50 @@ def test_offline_and_not_cached_is_one_line(tmp_path, monkeypatch):
         build_timm_backbone((3, 32, 32), "resnet18", pretrained=True)
 
 
+def test_hub_weights_come_from_the_cache_first_and_fail_fast_without_network(monkeypatch):
+    """The cache is tried first (no network touched); a host that does not resolve fails at once, not after
+    huggingface_hub's ≈ 20 s of retries per file name; a missing file name online tries the next one."""
+    import huggingface_hub
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    from src.models import timm_backbone
+
+    calls = []
+    online = {"model.safetensors": EntryNotFoundError("404"), "pytorch_model.bin": "/cache/pytorch_model.bin"}
+
+    def download(repo, filename, revision=None, local_files_only=False):
+        calls.append((filename, local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        if isinstance(online[filename], Exception):
+            raise online[filename]
+        return online[filename]
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    cfg = {"hf_hub_id": "timm/x"}
+    monkeypatch.setattr(timm_backbone, "_endpoint_resolves", lambda url: True)
+    assert timm_backbone._hub_weights(None, "x", cfg) == "/cache/pytorch_model.bin"
+    assert calls == [("model.safetensors", True), ("pytorch_model.bin", True), ("model.safetensors", False),
+                     ("pytorch_model.bin", False)]
+    calls.clear()
+    online["model.safetensors"] = LocalEntryNotFoundError("connection error")  # online but no network: one try
+    with pytest.raises(ConfigError, match=r"cannot be downloaded \(LocalEntryNotFoundError\)"):
+        timm_backbone._hub_weights(None, "x", cfg)
+    assert calls[2:] == [("model.safetensors", False)]
+    calls.clear()
+    monkeypatch.setattr(timm_backbone, "_endpoint_resolves", lambda url: False)
+    with pytest.raises(ConfigError, match=r"cannot be downloaded \(https://.* does not resolve\)"):
+        timm_backbone._hub_weights(None, "x", cfg)
+    assert all(local for _, local in calls)
+    monkeypatch.undo()
+    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    assert not timm_backbone._endpoint_resolves("https://nowhere.invalid")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy the host name is the proxy's business
+    assert timm_backbone._endpoint_resolves("https://nowhere.invalid")
+
+
 def test_bad_names_and_keys_are_config_errors():
     with pytest.raises(ConfigError, match="model.name='no_such_net' is invalid: not a timm architecture"):
         build_timm_backbone((1, 28, 28), "no_such_net")

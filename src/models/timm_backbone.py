@@ -164,20 +164,53 @@ def _hub_weights(timm, name: str, cfg: dict):
     hub_id = cfg.get("hf_hub_id")
     if not hub_id:
         return None
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     repo, _, revision = hub_id.partition("@")
-    last = None
-    for filename in ([cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]):
+    filenames = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+    for filename in filenames:  # the cache first: instant, and all a compute node without internet has
         try:
-            return hf_hub_download(repo, filename, revision=revision or None)
-        except Exception as err:  # not cached and offline, no network, no such file
-            last = err
+            return hf_hub_download(repo, filename, revision=revision or None, local_files_only=True)
+        except EntryNotFoundError:
+            pass
+    last = None
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    elif not _endpoint_resolves(constants.ENDPOINT):
+        reason = f"{constants.ENDPOINT} does not resolve"
+    else:
+        for filename in filenames:
+            try:
+                return hf_hub_download(repo, filename, revision=revision or None)
+            except Exception as err:
+                last = err
+                if isinstance(err, LocalEntryNotFoundError) or not isinstance(err, EntryNotFoundError):
+                    break  # no network (after huggingface_hub's retries, ≈ 20 s): the next name won't do either
+                # else the repo has no such file: try the next name
+        reason = type(last).__name__
     raise ConfigError(
-        f"model.pretrained=true: timm's weights for {name} (Hugging Face hub repo {repo}, model.safetensors) are not "
-        f"in the Hugging Face cache and cannot be downloaded ({type(last).__name__}); run once online, or download the "
-        f"file and set model.pretrained=<its path>"
+        f"model.pretrained=true: timm's weights for {name} (Hugging Face hub repo {repo}, {filenames[0]}) are not "
+        f"in the Hugging Face cache and cannot be downloaded ({reason}); run once online, or download the "
+        f"file and set model.pretrained=<its path> (on machines without internet, HF_HUB_OFFLINE=1 makes this "
+        f"check instant)"
     )
+
+
+def _endpoint_resolves(url: str) -> bool:
+    """Whether the hub's host name resolves (always true behind a proxy, which resolves it itself): a machine without
+    DNS fails at once here instead of after huggingface_hub's retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    try:
+        socket.getaddrinfo(urlparse(url).hostname, 443)
+        return True
+    except OSError:
+        return False
 
 
 def build_timm_backbone(
