@@ -188,6 +188,7 @@ def main(cfg: DictConfig) -> float | None:
             with open_dict(cfg):
                 cfg.resume = str(restarted)
     run_dir = Path(cfg.resume) if cfg.get("resume") else output_dir
+    preloaded = "lightning" in sys.modules  # a forkserver sweep worker (src/continual/sweep_workers.py), a later job
     failures_to = output_dir  # a refused resume= or ckpt_path= leaves the run it names as it was
     try:
         validate_config(cfg)
@@ -208,7 +209,7 @@ def main(cfg: DictConfig) -> float | None:
         from src.continual.task_loop import ResumeError
 
         loop = build_task_loop(cfg, run_dir, validate=False, source=source, resume_from=ckpt)
-        loop.results["threads"] = threads
+        loop.results["threads"] = {**threads, "imports_preloaded": preloaded}
     except RunFolderInUse as err:  # the folder belongs to a live run: write nothing into it
         print(f"error: {err}", file=sys.stderr)
         return exit_job(2, f"error: {err}")

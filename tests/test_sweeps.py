@@ -79,6 +79,24 @@ def test_joblib_launcher_two_parallel_jobs(tmp_path):
         threads = read_results(sweep_dir / str(job))["threads"]
         expected = max(1, threads["cores"] // 2)
         assert (threads["parallel_jobs"], threads["intra_op"], threads["inter_op"]) == (2, expected, expected), threads
+        assert threads["imports_preloaded"]  # sweep_workers=forkserver: forked from a server that imported them once
+    # joblib's own fresh workers import everything themselves, and compute the same numbers
+    loky_dir = tmp_path / "loky"
+    run_multirun(loky_dir, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", "sweep_workers=loky")
+    for job in (0, 1):
+        forked, fresh = read_results(sweep_dir / str(job)), read_results(loky_dir / str(job))
+        assert not fresh["threads"]["imports_preloaded"]
+        assert (forked["random_init_acc"], forked["acc_matrix"]) == (fresh["random_init_acc"], fresh["acc_matrix"])
+
+
+def test_the_sweep_worker_preload_imports_what_a_run_needs_and_a_bad_choice_is_one_line(tmp_path):
+    code = ("import sys; import src.continual.preload; "
+            "print(all(m in sys.modules for m in ('torch', 'torch._dynamo', 'lightning', 'src.continual.task_loop')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "True", out.stderr[-2000:]
+    proc = run_train(tmp_path / "bad", "sweep_workers=fork", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == "error: sweep_workers='fork' is invalid: one of forkserver, loky"
 
 
 def test_submitit_local_launcher_one_job(tmp_path):

@@ -319,6 +319,9 @@ def validate_config(cfg: DictConfig) -> None:
     from src.continual.threads import check_threads
 
     check_threads(cfg.get("threads", "auto"))
+    from src.continual.sweep_workers import check_sweep_workers
+
+    check_sweep_workers(cfg.get("sweep_workers", "forkserver"))
     steps = trainer.get("max_steps", -1)
     epochs = trainer.get("max_epochs", 1)
     _check(isinstance(steps, int) and (steps == -1 or steps >= 1), "trainer.max_steps", steps,
