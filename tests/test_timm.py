@@ -119,7 +119,7 @@ def test_hub_weights_come_from_the_cache_first_and_fail_fast_without_network(mon
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     cfg = {"hf_hub_id": "timm/x"}
-    monkeypatch.setattr(timm_backbone, "_endpoint_resolves", lambda url: True)
+    monkeypatch.setattr(timm_backbone, "offline_reason", lambda: None)
     assert timm_backbone._hub_weights(None, "x", cfg) == "/cache/pytorch_model.bin"
     assert calls == [("model.safetensors", True), ("pytorch_model.bin", True), ("model.safetensors", False),
                      ("pytorch_model.bin", False)]
@@ -129,16 +129,40 @@ def test_hub_weights_come_from_the_cache_first_and_fail_fast_without_network(mon
         timm_backbone._hub_weights(None, "x", cfg)
     assert calls[2:] == [("model.safetensors", False)]
     calls.clear()
-    monkeypatch.setattr(timm_backbone, "_endpoint_resolves", lambda url: False)
+    from src.models import hub
+
+    monkeypatch.setattr(timm_backbone, "offline_reason", hub.offline_reason)
+    monkeypatch.setattr(hub, "endpoint_resolves", lambda url: False)
     with pytest.raises(ConfigError, match=r"cannot be downloaded \(https://.* does not resolve\)"):
         timm_backbone._hub_weights(None, "x", cfg)
     assert all(local for _, local in calls)
-    monkeypatch.undo()
-    for key in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+
+
+def test_hub_reachability_is_decided_without_waiting(monkeypatch):
+    """No DNS: unreachable at once; behind a proxy: reachable as far as we can tell; a transformers loader is asked
+    for the cache first and goes online only when the hub may be reachable."""
+    from src.models import hub
+
+    for key in hub.PROXY_VARS:
         monkeypatch.delenv(key, raising=False)
-    assert not timm_backbone._endpoint_resolves("https://nowhere.invalid")
+    assert not hub.endpoint_resolves("https://nowhere.invalid")
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # behind a proxy the host name is the proxy's business
-    assert timm_backbone._endpoint_resolves("https://nowhere.invalid")
+    assert hub.endpoint_resolves("https://nowhere.invalid")
+    calls = []
+
+    def load(local_files_only):
+        calls.append(local_files_only)
+        if local_files_only:
+            raise OSError("not cached")
+        return "online"
+
+    monkeypatch.setattr(hub, "offline_reason", lambda: None)
+    assert hub.cache_first(load) == "online" and calls == [True, False]
+    calls.clear()
+    monkeypatch.setattr(hub, "offline_reason", lambda: "HF_HUB_OFFLINE is set")
+    with pytest.raises(hub.HubUnreachable, match="HF_HUB_OFFLINE is set"):
+        hub.cache_first(load)
+    assert calls == [True]
 
 
 def test_bad_names_and_keys_are_config_errors():

@@ -59,8 +59,10 @@ def tokenize(tokenizer_name: str, texts: list[str], max_length: int) -> torch.Te
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
+    from src.models.hub import cache_first
+
     try:
-        return AutoTokenizer.from_pretrained(name)
+        return cache_first(lambda **where: AutoTokenizer.from_pretrained(name, **where))
     except OSError:
         raise ConfigError(f"dataset.source.tokenizer={name!r}: not a local folder and not in the Hugging Face cache "
                           "(offline?); run once online or point model.name at a folder with the tokenizer files") from None

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from src.continual.validate import ConfigError
+from src.models.hub import HubUnreachable, cache_first
 from src.models.lora import add_lora, check_lora, check_sha256, linear_layer_names, lora_enabled, weights_file
 from src.models.speed import apply_switches, check_switches
 from src.models.trunk import PretrainedTrunk
@@ -57,7 +58,9 @@ def load_config(name: str, **kwargs):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(name, return_unused_kwargs=True, **kwargs)
+        return cache_first(lambda **where: AutoConfig.from_pretrained(name, return_unused_kwargs=True, **kwargs, **where))
+    except HubUnreachable as err:
+        raise ConfigError(f"{_offline_hint(name)} ({err})") from None
     except OSError:
         raise ConfigError(_offline_hint(name)) from None
     except ValueError as err:

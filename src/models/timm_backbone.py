@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.continual.validate import ConfigError
+from src.models.hub import offline_reason
 from src.models.lora import add_lora, check_lora, check_sha256, linear_layer_names, lora_enabled, weights_file
 from src.models.speed import apply_switches, check_switches
 from src.models.trunk import PretrainedTrunk
@@ -164,7 +165,7 @@ def _hub_weights(timm, name: str, cfg: dict):
     hub_id = cfg.get("hf_hub_id")
     if not hub_id:
         return None
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
     repo, _, revision = hub_id.partition("@")
@@ -174,12 +175,8 @@ def _hub_weights(timm, name: str, cfg: dict):
             return hf_hub_download(repo, filename, revision=revision or None, local_files_only=True)
         except EntryNotFoundError:
             pass
-    last = None
-    if constants.HF_HUB_OFFLINE:
-        reason = "HF_HUB_OFFLINE is set"
-    elif not _endpoint_resolves(constants.ENDPOINT):
-        reason = f"{constants.ENDPOINT} does not resolve"
-    else:
+    reason, last = offline_reason(), None
+    if reason is None:
         for filename in filenames:
             try:
                 return hf_hub_download(repo, filename, revision=revision or None)
@@ -195,22 +192,6 @@ def _hub_weights(timm, name: str, cfg: dict):
         f"file and set model.pretrained=<its path> (on machines without internet, HF_HUB_OFFLINE=1 makes this "
         f"check instant)"
     )
-
-
-def _endpoint_resolves(url: str) -> bool:
-    """Whether the hub's host name resolves (always true behind a proxy, which resolves it itself): a machine without
-    DNS fails at once here instead of after huggingface_hub's retries."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        socket.getaddrinfo(urlparse(url).hostname, 443)
-        return True
-    except OSError:
-        return False
 
 
 def build_timm_backbone(
