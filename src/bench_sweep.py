@@ -3,7 +3,9 @@
 Four jobs of the default protocol (EWC on Split Fashion-MNIST, `trainer.max_steps` per task so that the sweep
 takes about a minute), each sweep one `python -m src.train -m … seed=0,1,2,3` process timed whole (wall clock):
 - the basic launcher: one job after another, each with all the cores;
-- joblib with n_jobs=2 and n_jobs=4 and `threads=auto` (cores ÷ n_jobs threads per job, src/continual/threads.py);
+- joblib with n_jobs=2 and n_jobs=4 and `threads=auto` (cores ÷ n_jobs threads per job, src/continual/threads.py),
+  with workers forked from a server that imported torch and Lightning once (`sweep_workers=forkserver`, the default,
+  src/continual/sweep_workers.py) and with joblib's own fresh workers (`sweep_workers=loky`);
 - joblib n_jobs=4 with `threads=<cores>`: every job with all the cores, as with an exported OMP_NUM_THREADS or a
   launcher that sets nothing (the oversubscription `threads=auto` prevents).
 Target (issue 15): 4 parallel jobs on 2 cores no slower in total than 2 sequential pairs (joblib n_jobs=2).
@@ -30,6 +32,8 @@ def sweeps(cores: int) -> dict[str, list[str]]:
         "sequential (basic)": [],
         "joblib n_jobs=2": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
         "joblib n_jobs=4": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4"],
+        "joblib n_jobs=2, sweep_workers=loky": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "sweep_workers=loky"],
+        "joblib n_jobs=4, sweep_workers=loky": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4", "sweep_workers=loky"],
         f"joblib n_jobs=4, threads={cores} (oversubscribed)": ["hydra/launcher=joblib", "hydra.launcher.n_jobs=4",
                                                               f"threads={cores}"],
     }
@@ -56,6 +60,8 @@ def bench_sweep(extra: list[str], steps: int, tmp: Path) -> dict:
     sequential = runs["sequential (basic)"]["wall_s"]
     ratios = {f"{name} ÷ sequential": run["wall_s"] / sequential for name, run in runs.items()}
     ratios["joblib n_jobs=4 ÷ joblib n_jobs=2"] = runs["joblib n_jobs=4"]["wall_s"] / runs["joblib n_jobs=2"]["wall_s"]
+    ratios["loky: joblib n_jobs=4 ÷ joblib n_jobs=2"] = (runs["joblib n_jobs=4, sweep_workers=loky"]["wall_s"]
+                                                       / runs["joblib n_jobs=2, sweep_workers=loky"]["wall_s"])
     return {"kind": "sweep", "title": f"A {JOBS}-job sweep on one machine (default protocol, trainer.max_steps={steps})",
             "cores": cores, "steps_per_task": steps, "runs": runs, "ratios": ratios}
 
@@ -72,5 +78,6 @@ def render(result: dict) -> str:
         lines.append(f"| `{run['command']}` | {run['wall_s']:.1f} | {r[f'{name} ÷ sequential']:.2f} | "
                      f"{threads.get('intra_op')} / {threads.get('inter_op')} |")
     lines += ["", f"Target: 4 parallel jobs no slower than 2 sequential pairs: joblib n_jobs=4 ÷ n_jobs=2 = "
-              f"{r['joblib n_jobs=4 ÷ joblib n_jobs=2']:.2f} (≤ 1: {'yes' if met else '**no**'})."]
+              f"{r['joblib n_jobs=4 ÷ joblib n_jobs=2']:.2f} (≤ 1: {'yes' if met else '**no**'}); with joblib's own "
+              f"workers (sweep_workers=loky) {r['loky: joblib n_jobs=4 ÷ joblib n_jobs=2']:.2f}."]
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from hydra.experimental.callback import Callback
 
 CHOICES = ("forkserver", "loky")
 PRELOAD = ["src.continual.preload"]
+PLOTS_PRELOAD = "src.continual.preload_plots"  # matplotlib (≈ 0.8 CPU-s a worker), when the runs draw plots
 
 
 def check_sweep_workers(choice) -> None:
@@ -37,5 +38,8 @@ class ForkserverSweepWorkers(Callback):
             return
         from joblib.externals.loky.backend.context import set_start_method
 
-        multiprocessing.set_forkserver_preload(PRELOAD)
+        multiprocessing.set_forkserver_preload(PRELOAD + ([PLOTS_PRELOAD] if config.get("plots", True) else []))
         set_start_method("forkserver", force=True)
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()  # the server imports while Hydra prepares the jobs, not after
