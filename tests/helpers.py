@@ -44,9 +44,13 @@ class SyntheticSource:
 
 
 def _finetune_unless_named(overrides):
-    """Tests of the machinery run the plain `finetune` method unless they name one (the default is EWC)."""
+    """Tests of the machinery run the plain `finetune` method unless they name one (the default is EWC), and draw
+    no plots unless they say so (the default draws them: ≈ 1 s a run; tests/test_end_to_end.py checks them)."""
+    overrides = list(overrides)
+    if not any(o.startswith("plots=") for o in overrides):
+        overrides.append("plots=false")
     named = any(o.startswith("method=") for o in overrides)
-    return list(overrides) if named else ["method=finetune", *overrides]
+    return overrides if named else ["method=finetune", *overrides]
 
 
 def run_train(run_dir: Path, *overrides: str, check: bool = True, timeout: int = 600, env=None):

@@ -1,7 +1,10 @@
-"""Behaviour on the real Fashion-MNIST, default protocol (MLP 2×400, Adam 1e-3, batch 128, 1 epoch per task).
+"""Behaviour on the real Fashion-MNIST, default protocol (MLP 2×400, Adam 1e-3, batch 128, 1 epoch per task),
+evaluated on 2,000 test samples per task.
 
 Measured over seeds 0-2 (class-incremental): finetune ends at 19.93% ± 0.01 average accuracy with task 0 at 0.0%
-after being 98.5-98.9% right after training; joint ends at 86.8% ± 0.7. Thresholds leave wide margins.
+after being 98.5-98.9% right after training; joint ends at 86.8% ± 0.7. Here joint trains as many steps per task as
+finetune (85: a step-matched joint, a third of its full cost), which ended at 83.9% (seed 0). Thresholds leave wide
+margins.
 """
 
 import pytest
@@ -19,7 +22,9 @@ def class_il_runs(tmp_path_factory):
     runs = {}
     for method in ("finetune", "joint"):
         run_dir = tmp_path_factory.mktemp(method) / "run"
-        run_train(run_dir, f"method={method}", "scenario=class", "logger=none", "save_checkpoints=false")
+        steps = ["trainer.max_steps=85"] if method == "joint" else []  # finetune's steps per task
+        run_train(run_dir, f"method={method}", "scenario=class", "logger=none", "save_checkpoints=false",
+                  "dataset.eval_max_samples=2000", *steps)
         runs[method] = read_results(run_dir)
     return runs
 
