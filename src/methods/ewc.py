@@ -126,9 +126,10 @@ class EWC(Regularizer):
     def _on_device(self, device):
         """(λ·A, m, scratch space for θ − m) as lists of per-parameter tensors on `device`, and c."""
         if self._views is None or self._views[0] != (device, self.lam):
-            centre = [self.centre[n].to(device) for n in self.param_names]
-            self._views = ((device, self.lam), [self.lam * self.precision[n].to(device) for n in self.param_names],
-                           centre, [torch.empty_like(m) for m in centre])
+            # contiguous whatever the parameter's memory format (channels_last): the penalty flattens them
+            centre = [self.centre[n].to(device).contiguous() for n in self.param_names]
+            scaled = [(self.lam * self.precision[n].to(device)).contiguous() for n in self.param_names]
+            self._views = ((device, self.lam), scaled, centre, [torch.empty_like(m) for m in centre])
         return self._views[1], self._views[2], self._views[3], self.const
 
     # ---- the Fisher, at the end of every task ----------------------------------------------------------------------
