@@ -136,7 +136,7 @@ def test_resume_keeps_the_carried_optimizer_state(tmp_path):
 @pytest.mark.parametrize("method", METHODS)
 def test_sigkill_in_the_middle_of_a_task_then_resume_from_the_cli(tmp_path, method):
     common = [f"method={method}", "deterministic=true", "trainer.max_steps=60", "checkpoint.every_n_steps=7",
-              "logger=none", "checkpoint.keep_every_task=true", "dataset.eval_max_samples=1000",
+              "dataset.tasks.n_tasks=3", "logger=none", "checkpoint.keep_every_task=true", "dataset.eval_max_samples=1000",
               *(["method.fisher_samples=1000"] if method == "ewc" else [])]
     reference_dir = tmp_path / "ref"
     run_train(reference_dir, *common)

@@ -362,7 +362,8 @@ def test_atomic_write_never_leaves_half_a_file(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not FMNIST_SYSTEM_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
 def test_two_runs_with_the_same_seed_are_identical(tmp_path):
-    overrides = ("deterministic=true", "trainer.max_steps=30", "dataset.tasks.shuffle_seed=3", "model.dropout=0.2")
+    overrides = ("deterministic=true", "trainer.max_steps=30", "dataset.tasks.shuffle_seed=3",
+                 "dataset.eval_max_samples=1000", "model.dropout=0.2")
     first = build_loop(tmp_path / "a", *overrides).run()
     second = build_loop(tmp_path / "b", *overrides).run()
     for key in ("acc_matrix", "random_init_acc", "val_acc_matrix", "avg_acc", "forgetting", "bwt", "fwt",
