@@ -103,7 +103,7 @@ def test_many_tasks_in_separate_mode_are_one_quadratic_of_constant_size():
     terms = []
     for k in range(30):
         fisher = random_like(module, 100 + k, positive=True)
-        for n, f in fisher.items():
+        for f in fisher.values():
             f[f < 0.3] = 0.0  # zeros, some of them in every task: A = 0 there, and the centre is the latest anchor
             if k == 7:
                 f.mul_(1e6)

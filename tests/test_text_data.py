@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from src.continual.validate import ConfigError
+from src.data.download import DatasetError
 
 WORDS = [["apple", "banana", "cherry", "grape"], ["red", "green", "blue", "black"], ["cat", "dog", "cow", "hen"],
          ["one", "two", "three", "four"], ["sun", "moon", "star", "sky"], ["car", "bus", "train", "boat"]]
@@ -146,6 +147,32 @@ def test_text_cl5_offline_and_not_cached_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match=r"^dataset=text_cl5: ag \(fancyzhx/ag_news, split train\) is not in the "
                                            r"datasets cache and cannot be downloaded"):
         source.load()
+
+
+def test_text_cl5_reads_only_the_cache_when_the_hub_cannot_be_reached(monkeypatch):
+    """No network: datasets is asked in its offline mode (its cache, at once) instead of retrying the hub ≈ 20 s, and
+    the error names why; with a network it is asked normally. Its offline switch is restored either way."""
+    import datasets
+    import datasets.config
+
+    from src.data import text
+
+    seen = []
+
+    def fake_load(hub_id, split):
+        seen.append(datasets.config.HF_HUB_OFFLINE)
+        raise ConnectionError("not cached")
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(text, "offline_reason", lambda: "https://huggingface.co does not resolve")
+    source = text.TextCL5("tok", order=["ag", "yelp"])
+    with pytest.raises(DatasetError, match=r"cannot be downloaded \(https://huggingface.co does not resolve\)"):
+        source.load()
+    monkeypatch.setattr(text, "offline_reason", lambda: None)
+    with pytest.raises(DatasetError, match=r"cannot be downloaded \(ConnectionError\)"):
+        source.load()
+    assert seen == [True, False] and datasets.config.HF_HUB_OFFLINE is False
 
 
 def test_text_cl5_sampling_is_uniform_seeded_and_order_free(tiny_bert, monkeypatch, tmp_path):

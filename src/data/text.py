@@ -27,6 +27,7 @@ from src.continual.validate import ConfigError
 from src.data.datamodule import TaskSequenceDataModule
 from src.data.download import DatasetError
 from src.data.tasks import ClassSplit
+from src.models.hub import cache_first, offline_reason
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,22 @@ def tokenize(tokenizer_name: str, texts: list[str], max_length: int) -> torch.Te
     return torch.stack([encoded["input_ids"], encoded["attention_mask"]], dim=1).to(torch.int32)
 
 
+def _load_dataset(hub_id: str, split: str, cache_only: bool):
+    """`datasets.load_dataset`; `cache_only` (the hub cannot be reached: src/models/hub.py) in datasets' offline mode,
+    which reads its cache at once instead of retrying the hub for ≈ 20 s."""
+    import datasets.config
+    from datasets import load_dataset
+
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or cache_only
+    try:
+        return load_dataset(hub_id, split=split)
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
-
-    from src.models.hub import cache_first
 
     try:
         return cache_first(lambda **where: AutoTokenizer.from_pretrained(name, **where))
@@ -235,14 +248,13 @@ class TextCL5:
         self.input_shape = (2, max_length)
 
     def _split(self, name: str, split: str):
-        from datasets import load_dataset
-
         hub_id, text_columns, label_column = CL5_DATASETS[name]
+        reason = offline_reason()
         try:
-            data = load_dataset(hub_id, split=split)
+            data = _load_dataset(hub_id, split, cache_only=reason is not None)
         except Exception as err:  # offline and not cached, no such dataset, …
             raise DatasetError(f"dataset=text_cl5: {name} ({hub_id}, split {split}) is not in the datasets cache and "
-                               f"cannot be downloaded ({type(err).__name__}); run once online, or set "
+                               f"cannot be downloaded ({reason or type(err).__name__}); run once online, or set "
                                "HF_DATASETS_CACHE to a cache that holds it") from None
         labels = [int(v) for v in data[label_column]]
         if name == "amazon" and min(labels) == 1:  # that copy numbers the stars 1…5
