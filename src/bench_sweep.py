@@ -62,7 +62,7 @@ def bench_sweep(extra: list[str], steps: int, tmp: Path) -> dict:
     ratios = {f"{name} ÷ sequential": run["wall_s"] / sequential for name, run in runs.items()}
     ratios["joblib n_jobs=4 ÷ joblib n_jobs=2"] = runs["joblib n_jobs=4"]["wall_s"] / runs["joblib n_jobs=2"]["wall_s"]
     ratios[LOKY_RATIO] = (runs["joblib n_jobs=4, sweep_workers=loky"]["wall_s"]
-                                                       / runs["joblib n_jobs=2, sweep_workers=loky"]["wall_s"])
+                          / runs["joblib n_jobs=2, sweep_workers=loky"]["wall_s"])
     return {"kind": "sweep", "title": f"A {JOBS}-job sweep on one machine (default protocol, trainer.max_steps={steps})",
             "cores": cores, "steps_per_task": steps, "runs": runs, "ratios": ratios}
 

@@ -103,8 +103,9 @@ def test_hub_weights_come_from_the_cache_first_and_fail_fast_without_network(mon
     import huggingface_hub
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
 
-    from src.models import timm_backbone
+    from src.models import hub, timm_backbone
 
+    original_offline_reason = hub.offline_reason
     calls = []
     online = {"model.safetensors": EntryNotFoundError("404"), "pytorch_model.bin": "/cache/pytorch_model.bin"}
 
@@ -119,7 +120,7 @@ def test_hub_weights_come_from_the_cache_first_and_fail_fast_without_network(mon
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     cfg = {"hf_hub_id": "timm/x"}
-    monkeypatch.setattr(timm_backbone, "offline_reason", lambda: None)
+    monkeypatch.setattr(hub, "offline_reason", lambda: None)
     assert timm_backbone._hub_weights(None, "x", cfg) == "/cache/pytorch_model.bin"
     assert calls == [("model.safetensors", True), ("pytorch_model.bin", True), ("model.safetensors", False),
                      ("pytorch_model.bin", False)]
@@ -129,9 +130,7 @@ def test_hub_weights_come_from_the_cache_first_and_fail_fast_without_network(mon
         timm_backbone._hub_weights(None, "x", cfg)
     assert calls[2:] == [("model.safetensors", False)]
     calls.clear()
-    from src.models import hub
-
-    monkeypatch.setattr(timm_backbone, "offline_reason", hub.offline_reason)
+    monkeypatch.setattr(hub, "offline_reason", original_offline_reason)
     monkeypatch.setattr(hub, "endpoint_resolves", lambda url: False)
     with pytest.raises(ConfigError, match=r"cannot be downloaded \(https://.* does not resolve\)"):
         timm_backbone._hub_weights(None, "x", cfg)

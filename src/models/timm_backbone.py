@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.continual.validate import ConfigError
-from src.models.hub import offline_reason
+from src.models.hub import HubUnreachable, cache_first
 from src.models.lora import add_lora, check_lora, check_sha256, linear_layer_names, lora_enabled, weights_file
 from src.models.speed import apply_switches, check_switches
 from src.models.trunk import PretrainedTrunk
@@ -170,28 +170,28 @@ def _hub_weights(timm, name: str, cfg: dict):
 
     repo, _, revision = hub_id.partition("@")
     filenames = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
-    for filename in filenames:  # the cache first: instant, and all a compute node without internet has
-        try:
-            return hf_hub_download(repo, filename, revision=revision or None, local_files_only=True)
-        except EntryNotFoundError:
-            pass
-    reason, last = offline_reason(), None
-    if reason is None:
+
+    def download(local_files_only: bool):
+        """The first of `filenames` there is (cached, or in the repo online)."""
         for filename in filenames:
             try:
-                return hf_hub_download(repo, filename, revision=revision or None)
-            except Exception as err:
+                return hf_hub_download(repo, filename, revision=revision or None, local_files_only=local_files_only)
+            except EntryNotFoundError as err:  # not cached / not in the repo: the next name
+                if not local_files_only and isinstance(err, LocalEntryNotFoundError):
+                    raise  # online but no network (after huggingface_hub's retries): the next name won't do either
                 last = err
-                if isinstance(err, LocalEntryNotFoundError) or not isinstance(err, EntryNotFoundError):
-                    break  # no network (after huggingface_hub's retries, ≈ 20 s): the next name won't do either
-                # else the repo has no such file: try the next name
-        reason = type(last).__name__
-    raise ConfigError(
-        f"model.pretrained=true: timm's weights for {name} (Hugging Face hub repo {repo}, {filenames[0]}) are not "
-        f"in the Hugging Face cache and cannot be downloaded ({reason}); run once online, or download the "
-        f"file and set model.pretrained=<its path> (on machines without internet, HF_HUB_OFFLINE=1 makes this "
-        f"check instant)"
-    )
+        raise last
+
+    try:
+        return cache_first(download)
+    except Exception as err:
+        reason = str(err) if isinstance(err, HubUnreachable) else type(err).__name__
+        raise ConfigError(
+            f"model.pretrained=true: timm's weights for {name} (Hugging Face hub repo {repo}, {filenames[0]}) are not "
+            f"in the Hugging Face cache and cannot be downloaded ({reason}); run once online, or download the "
+            f"file and set model.pretrained=<its path> (on machines without internet, HF_HUB_OFFLINE=1 makes this "
+            f"check instant)"
+        ) from None
 
 
 def build_timm_backbone(
